@@ -1,0 +1,59 @@
+"""The app factory: routes, instrumentation, and resources tied to the app's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from app import awaiting, blocking, cpu, gathering, health, index, offload, scheduling, stats
+from app import threadsafe
+from app.config import Settings
+from app.executors import Executors
+from app.keys import EXECUTORS, SETTINGS
+from app.monitor.middleware import instrument
+from app.monitor.monitor import monitor_ctx
+
+SLOW_CALLBACK_S = 0.05  # what asyncio debug mode reports as a slow callback
+
+
+async def executors_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    executors = Executors(settings.thread_workers, settings.process_workers)
+    app[EXECUTORS] = executors
+    # start the worker processes now: spawning them on a request's first submit stalls the loop
+    await executors.process.run(int)
+    try:
+        yield
+    finally:
+        # shutting pools down joins workers: keep that off the loop
+        await asyncio.get_running_loop().run_in_executor(None, executors.shutdown)
+
+
+async def debug_ctx(app: web.Application) -> AsyncIterator[None]:
+    if app[SETTINGS].debug:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = SLOW_CALLBACK_S
+    yield
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    app = web.Application(middlewares=[instrument])
+    app[SETTINGS] = settings or Settings()
+    app.cleanup_ctx.extend([debug_ctx, monitor_ctx, executors_ctx])
+    for module in (
+        awaiting,
+        blocking,
+        offload,
+        cpu,
+        gathering,
+        scheduling,
+        threadsafe,
+        health,
+        stats,
+        index,
+    ):
+        app.add_routes(module.routes)
+    return app

@@ -1,0 +1,69 @@
+"""`loop-lab`: serve, bench, compare, claims."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from app import config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = config.build_settings(vars(args))
+    except config.SettingError as exc:
+        print(f"loop-lab serve: {exc}", file=sys.stderr)
+        return 2
+    level = logging.DEBUG if settings.debug else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.server import serve  # after validation: a bad flag fails fast, before heavy imports
+
+    try:
+        return serve(settings)
+    except OSError as exc:  # e.g. address in use: one clear line, no traceback
+        print(f"loop-lab serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from app.claims import main as claims_main
+
+    return claims_main(bool(args.json), bool(args.markdown))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loop-lab", description="See and measure the asyncio event loop under load."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service")
+    config.add_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+    claims = commands.add_parser("claims", help="check every claim of the article by experiment")
+    claims.add_argument("--json", action="store_true", help="print a JSON list")
+    claims.add_argument("--markdown", action="store_true", help="print the docs/claims.md table")
+    claims.set_defaults(func=_claims)
+
+    # bench/compare live with their orchestration code and add their own subcommands
+    try:
+        from app.bench.cli import register as register_bench
+    except ImportError:
+        pass
+    else:
+        register_bench(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

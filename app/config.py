@@ -1,0 +1,164 @@
+"""One typed settings object, built once from `--flags` and `LOOP_LAB_*` env vars (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, cast
+
+from app.loops import LOOP_NAMES, LoopName
+
+ENV_PREFIX = "LOOP_LAB_"
+
+
+class SettingError(ValueError):
+    """A setting could not be parsed or is out of range; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    loop: LoopName = "asyncio"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    backlog: int = 4096
+    thread_workers: int = 8
+    process_workers: int = 2
+    max_delay: float = 60.0
+    debug: bool = False
+    access_log: bool = False
+    # seconds the watchdog lets the loop go without running before it logs a stack
+    stall_threshold: float = 0.5
+    # seconds in-flight requests get to finish after SIGTERM/SIGINT
+    grace: float = 30.0
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise ValueError(f"must be a whole number in {lo}..{hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in {lo}..{hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a number in {lo:g}..{hi:g}, got {text!r}") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise ValueError(f"must be in {lo:g}..{hi:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true/false (1/0, yes/no, on/off), got {text!r}")
+
+
+def _loop(text: str) -> LoopName:
+    if text not in LOOP_NAMES:
+        raise ValueError(f"must be one of {', '.join(LOOP_NAMES)}, got {text!r}")
+    return cast(LoopName, text)
+
+
+def _host(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "loop": _loop,
+    "host": _host,
+    "port": _int(0, 65535),
+    "workers": _int(1, 64),
+    "backlog": _int(1, 65535),
+    "thread_workers": _int(1, 1024),
+    "process_workers": _int(1, 64),
+    "max_delay": _float(0.0, 3600.0),
+    "debug": _bool,
+    "access_log": _bool,
+    "stall_threshold": _float(0.01, 60.0),
+    "grace": _float(0.0, 600.0),
+}
+
+_HELP: dict[str, str] = {
+    "loop": "event loop implementation",
+    "host": "address to bind (loopback unless you mean to expose it)",
+    "port": "TCP port (0 picks a free one)",
+    "workers": "processes sharing the port via SO_REUSEPORT",
+    "backlog": "listen backlog (the kernel caps it at net.core.somaxconn)",
+    "thread_workers": "threads in the /offload and /cpu thread pool",
+    "process_workers": "processes in the /offload and /cpu process pool",
+    "max_delay": "largest delay= (seconds) a request may ask for",
+    "debug": "asyncio debug mode with a slow-callback warning threshold",
+    "access_log": "log every request",
+    "stall_threshold": "seconds without a loop turn before the watchdog logs the loop's stack",
+    "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
+}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so env and defaults can fill the gaps."""
+    defaults = Settings()
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP[f.name]} (env {env_name(f.name)}, default {default})"
+        if f.type == "bool" or isinstance(default, bool):
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=help_text,
+            )
+        else:
+            metavar = "|".join(LOOP_NAMES) if f.name == "loop" else None
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, default=None, metavar=metavar, help=help_text
+            )
+
+
+def build_settings(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge flags over env over defaults; raise SettingError naming the first bad setting."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = flags.get(f.name)
+        source = flag_name(f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+            source = env_name(f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _PARSERS[f.name](raw)
+        except ValueError as exc:
+            raise SettingError(f"invalid setting {source}: {exc}") from None
+    return Settings(**values)

@@ -1,0 +1,18 @@
+"""Typed application-state keys (web.AppKey), so state is never looked up by a bare string."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.executors import Executors
+    from app.metrics import Metrics
+    from app.monitor.monitor import Monitor
+
+SETTINGS = web.AppKey["Settings"]("settings")
+METRICS = web.AppKey["Metrics"]("metrics")
+MONITOR = web.AppKey["Monitor"]("monitor")
+EXECUTORS = web.AppKey["Executors"]("executors")

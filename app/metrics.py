@@ -1,0 +1,104 @@
+"""Prometheus metrics, one registry per app so tests and workers never share state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Loop lag lives between "fine" (<1 ms) and "the loop was frozen for seconds".
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STEP_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.loop_lag = Histogram(
+            "looplab_loop_lag_seconds",
+            "How late the loop ran a timer callback (time the loop could not serve anyone).",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "looplab_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "looplab_request_duration_seconds",
+            "Handler wall time, by route.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.handler_step = Histogram(
+            "looplab_handler_step_seconds",
+            "Longest synchronous stretch (no yield to the loop) per request, by route.",
+            ["route"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.loop_info = Gauge(
+            "looplab_loop_info", "The running event loop implementation (value 1).", ["loop"], registry=r
+        )
+        self.stalls = Counter(
+            "looplab_loop_stalls",
+            "Times the watchdog saw the loop not run for longer than the stall threshold.",
+            registry=r,
+        )
+
+    def register_live(self, snapshot: Callable[[], LiveValues]) -> None:
+        """Export values read at scrape time, so the hot path never touches a gauge."""
+        self.registry.register(_LiveCollector(snapshot))
+
+
+@dataclass(frozen=True, slots=True)
+class LiveValues:
+    in_flight: int
+    open_connections: int
+    accepted_connections: int
+    executor: dict[str, dict[str, int]]
+    rss_bytes: int
+
+
+class _LiveCollector(Collector):
+    def __init__(self, snapshot: Callable[[], LiveValues]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        v = self._snapshot()
+        yield GaugeMetricFamily(
+            "looplab_in_flight_requests", "Requests being handled now.", value=v.in_flight
+        )
+        yield GaugeMetricFamily(
+            "looplab_open_connections",
+            "TCP connections the server holds open now.",
+            value=v.open_connections,
+        )
+        yield CounterMetricFamily(
+            "looplab_accepted_connections",
+            "TCP connections accepted since start.",
+            value=v.accepted_connections,
+        )
+        busy = GaugeMetricFamily("looplab_executor_busy", "Executor jobs running.", labels=["pool"])
+        queued = GaugeMetricFamily(
+            "looplab_executor_queued", "Executor jobs waiting for a worker.", labels=["pool"]
+        )
+        for pool, counts in v.executor.items():
+            busy.add_metric([pool], counts["busy"])
+            queued.add_metric([pool], counts["queued"])
+        yield busy
+        yield queued
+        yield GaugeMetricFamily(
+            "looplab_process_rss_bytes", "Resident set size of this process.", value=v.rss_bytes
+        )

@@ -1,0 +1,92 @@
+"""The monitor: loop lag, per-route steps, connections and the stall watchdog, started per app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from app.keys import EXECUTORS, METRICS, MONITOR, SETTINGS
+from app.loops import LoopName, loop_name
+from app.metrics import LiveValues, Metrics
+from app.monitor.connections import ConnectionTracker
+from app.monitor.lag import LagSampler
+from app.monitor.process import rss_bytes
+from app.monitor.routes import RouteStats
+from app.monitor.watchdog import StallWatchdog
+
+
+class Monitor:
+    def __init__(self, metrics: Metrics, stall_threshold: float) -> None:
+        self.metrics = metrics
+        self.lag = LagSampler(observe=metrics.loop_lag.observe)
+        self.routes = RouteStats(metrics)
+        self.connections = ConnectionTracker()
+        self.stall_threshold = stall_threshold
+        self.loop: LoopName = "asyncio"
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self.rss_peak = 0
+        self.watchdog: StallWatchdog | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop_name(loop)
+        self.metrics.loop_info.labels(loop=self.loop).set(1)
+        self.lag.start(loop)
+        self.watchdog = StallWatchdog(
+            heartbeat=lambda: self.lag.heartbeat,
+            threshold=self.stall_threshold,
+            loop_thread_id=threading.get_ident(),
+            in_flight_routes=self.routes.in_flight_by_route,
+            on_stall=self.metrics.stalls.inc,
+        )
+        self.watchdog.start()
+
+    def stop(self) -> None:
+        self.lag.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    def rss(self) -> int:
+        rss = rss_bytes()
+        self.rss_peak = max(self.rss_peak, rss)
+        return rss
+
+
+async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: metrics + monitor live exactly as long as the app runs."""
+    settings = app[SETTINGS]
+    metrics = Metrics()
+    monitor = Monitor(metrics, settings.stall_threshold)
+    app[METRICS] = metrics
+    app[MONITOR] = monitor
+
+    def live() -> LiveValues:
+        executors = app.get(EXECUTORS)
+        return LiveValues(
+            in_flight=monitor.routes.in_flight,
+            open_connections=monitor.connections.open,
+            accepted_connections=monitor.connections.accepted_total,
+            executor=executors.as_dict() if executors is not None else {},
+            rss_bytes=monitor.rss(),
+        )
+
+    metrics.register_live(live)
+    monitor.start(asyncio.get_running_loop())
+    try:
+        yield
+    finally:
+        monitor.stop()
+
+
+def route_of(request: web.Request) -> str:
+    resource: Any = request.match_info.route.resource
+    return "unmatched" if resource is None else str(resource.canonical)

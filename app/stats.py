@@ -1,0 +1,48 @@
+"""`/stats` (JSON snapshot of the monitor) and `/metrics` (Prometheus text exposition)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.keys import EXECUTORS, METRICS, MONITOR
+
+routes = web.RouteTableDef()
+
+
+def snapshot(app: web.Application) -> dict[str, Any]:
+    """Everything /stats reports; the dashboard stream reuses it."""
+    monitor = app[MONITOR]
+    lag = monitor.lag.summary()
+    longest = monitor.routes.longest_step()
+    return {
+        "loop": monitor.loop,
+        "pid": monitor.pid,
+        "uptime_s": round(monitor.uptime(), 3),
+        "lag_ms": {k: round(v, 3) for k, v in lag.as_dict().items()},
+        "lag_window_s": monitor.lag.window,
+        "in_flight": monitor.routes.in_flight,
+        "requests_total": monitor.routes.total,
+        "connections": monitor.connections.as_dict(),
+        "routes": monitor.routes.as_dict(),
+        "longest_step": None
+        if longest is None
+        else {"route": longest[0], "max_step_ms": round(longest[1], 3)},
+        "executor": app[EXECUTORS].as_dict(),
+        "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
+        "rss_mb": round(monitor.rss() / 2**20, 2),
+        "rss_mb_peak": round(monitor.rss_peak / 2**20, 2),
+    }
+
+
+@routes.get("/stats")
+async def stats_handler(request: web.Request) -> web.Response:
+    return web.json_response(snapshot(request.app))
+
+
+@routes.get("/metrics")
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

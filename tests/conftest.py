@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from app.loops import LOOP_NAMES, LoopName
+from tests.servers import ServerThread, running_server
+
+
+@pytest.fixture(params=LOOP_NAMES)
+def loop_name(request: pytest.FixtureRequest) -> LoopName:
+    """Run the test once on the default asyncio loop and once on uvloop."""
+    name: LoopName = request.param
+    return name
+
+
+@pytest.fixture
+def server(loop_name: LoopName) -> Iterator[ServerThread]:
+    """A real loop-lab server on 127.0.0.1:0, on the parametrized loop."""
+    with running_server(loop_name) as running:
+        yield running
