@@ -7,8 +7,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import awaiting, blocking, cpu, gathering, health, index, offload, scheduling, stats
-from app import threadsafe
+from app import (
+    awaiting,
+    blocking,
+    cpu,
+    gathering,
+    health,
+    index,
+    offload,
+    scheduling,
+    stats,
+    threadsafe,
+)
 from app.config import Settings
 from app.executors import Executors
 from app.keys import EXECUTORS, SETTINGS

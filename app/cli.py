@@ -23,15 +23,18 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(settings)
     except OSError as exc:  # e.g. address in use: one clear line, no traceback
-        print(f"loop-lab serve: cannot listen on {settings.host}:{settings.port}: {exc}",
-              file=sys.stderr)
+        print(
+            f"loop-lab serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _claims(args: argparse.Namespace) -> int:
     from app.claims import main as claims_main
 
-    return claims_main(bool(args.json), bool(args.markdown))
+    code: int = claims_main(bool(args.json), bool(args.markdown))
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

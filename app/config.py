@@ -6,7 +6,7 @@ import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, cast
+from typing import Any
 
 from app.loops import LOOP_NAMES, LoopName
 
@@ -73,7 +73,7 @@ def _bool(text: str) -> bool:
 def _loop(text: str) -> LoopName:
     if text not in LOOP_NAMES:
         raise ValueError(f"must be one of {', '.join(LOOP_NAMES)}, got {text!r}")
-    return cast(LoopName, text)
+    return "uvloop" if text == "uvloop" else "asyncio"
 
 
 def _host(text: str) -> str:

@@ -6,6 +6,7 @@ from time import perf_counter
 
 from aiohttp import web
 
+from app.executors import PoolName
 from app.keys import EXECUTORS
 from app.params import choice_param, int_param
 from app.responses import demo_response
@@ -32,5 +33,6 @@ async def cpu_handler(request: web.Request) -> web.Response:
     if via == "inline":
         checksum = burn(units)
     else:
-        checksum = await request.app[EXECUTORS].pool(via).run(burn, units)
+        pool: PoolName = "thread" if via == "thread" else "process"
+        checksum = await request.app[EXECUTORS].pool(pool).run(burn, units)
     return demo_response(request, "cpu", started, n=units, via=via, checksum=checksum)

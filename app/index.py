@@ -16,7 +16,10 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/cpu?n=2000000&via=inline", "CPU-bound work on the loop (via=inline|thread|process)"),
     ("/gather?n=100&delay=1", "create_task + gather: total is the max delay, not the sum"),
     ("/schedule", "the real order of call_soon / call_later / call_at / I/O callbacks"),
-    ("/threadsafe?delay=0.5", "a worker thread schedules a coroutine with run_coroutine_threadsafe"),
+    (
+        "/threadsafe?delay=0.5",
+        "a worker thread schedules a coroutine with run_coroutine_threadsafe",
+    ),
     ("/healthz", "cheapest probe"),
     ("/stats", "JSON snapshot: loop lag, connections, routes, executors"),
     ("/metrics", "Prometheus exposition"),

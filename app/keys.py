@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from app.metrics import Metrics
     from app.monitor.monitor import Monitor
 
-SETTINGS = web.AppKey["Settings"]("settings")
-METRICS = web.AppKey["Metrics"]("metrics")
-MONITOR = web.AppKey["Monitor"]("monitor")
-EXECUTORS = web.AppKey["Executors"]("executors")
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+MONITOR: web.AppKey[Monitor] = web.AppKey("monitor")
+EXECUTORS: web.AppKey[Executors] = web.AppKey("executors")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,7 +17,9 @@ STEP_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
 
 @dataclass
 class Metrics:
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    registry: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -49,7 +50,10 @@ class Metrics:
             registry=r,
         )
         self.loop_info = Gauge(
-            "looplab_loop_info", "The running event loop implementation (value 1).", ["loop"], registry=r
+            "looplab_loop_info",
+            "The running event loop implementation (value 1).",
+            ["loop"],
+            registry=r,
         )
         self.stalls = Counter(
             "looplab_loop_stalls",

@@ -1,4 +1,4 @@
-"""Query-parameter parsing with strict bounds: bad input is a 400 that names the parameter, never a 500.
+"""Query parameters with strict bounds: bad input is a 400 naming the parameter, never a 500.
 
 Only plain ASCII decimals are numbers here: no sign, exponent, hex, unicode digits, `nan` or `inf`,
 so what a user typed is exactly what the handler uses.

@@ -80,5 +80,5 @@ async def schedule_handler(request: web.Request) -> web.Response:
         registered_at=round(registered_at, 6),
         registration_order=list(REGISTRATION_ORDER),
         ran=ran,
-        clock="loop.time() is the loop's monotonic clock (time.monotonic on asyncio), not wall time",
+        clock="loop.time() is the loop's own monotonic clock, not wall time",
     )

@@ -105,13 +105,15 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         handle_signals=False,
     )
     await runner.setup()
+    sock: socket.socket | None = None
     try:
         assert runner.server is not None
         app[MONITOR].connections.attach(runner.server)
         sock = listen_socket(settings.host, settings.port, settings.backlog, reuse_port)
-        site = web.SockSite(runner, sock, backlog=settings.backlog, shutdown_timeout=settings.grace)
-        await site.start()
+        await web.SockSite(runner, sock, backlog=settings.backlog).start()
     except BaseException:
+        if sock is not None:
+            sock.close()
         await runner.cleanup()
         raise
     host, port = sock.getsockname()[:2]
@@ -131,7 +133,9 @@ async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False)
         server.app[MONITOR].loop,
         os.getpid(),
         settings.backlog,
-        f", kernel caps it at somaxconn={cap}" if cap is not None and cap < settings.backlog else "",
+        f", kernel caps it at somaxconn={cap}"
+        if cap is not None and cap < settings.backlog
+        else "",
     )
     await stop.wait()
     in_flight = server.app[MONITOR].routes.in_flight

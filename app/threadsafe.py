@@ -1,7 +1,7 @@
 """`/threadsafe`: a worker thread hands a coroutine to the loop with run_coroutine_threadsafe.
 
-The loop is not thread-safe; run_coroutine_threadsafe is the sanctioned door in. The worker blocks on
-the returned concurrent.futures.Future while the coroutine runs on the loop thread.
+The loop is not thread-safe; run_coroutine_threadsafe is the sanctioned door in. The worker blocks
+on the returned concurrent.futures.Future while the coroutine runs on the loop thread.
 """
 
 from __future__ import annotations

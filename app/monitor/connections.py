@@ -40,7 +40,7 @@ class ConnectionTracker:
 
         # instance attributes shadow the methods RequestHandler calls on its manager
         server.connection_made = connection_made  # type: ignore[method-assign]
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     def as_dict(self) -> dict[str, int]:
         return {"open": self.open, "peak": self.peak, "accepted_total": self.accepted_total}

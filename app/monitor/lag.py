@@ -1,13 +1,14 @@
 """Loop-lag sampler: how late the loop runs a timer it was asked to run on time.
 
-A callback re-arms itself every `interval` with `call_at`; the difference between when it was due and
-when it ran is time the loop spent on something else (a blocking handler, a long callback). A callback
-chain costs less than a task and behaves the same on asyncio and uvloop.
+A callback re-arms itself every `interval` with `call_at`; the difference between when it was due
+and when it ran is time the loop spent on something else (a blocking handler, a long callback).
+A callback chain costs less than a task and behaves the same on asyncio and uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +30,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (0.0 for an empty one)."""
     if not sorted_values:
         return 0.0
-    rank = max(0, min(len(sorted_values) - 1, int(round(q * len(sorted_values) + 0.5)) - 1))
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[rank]
 
 

@@ -24,7 +24,9 @@ async def instrument(request: web.Request, handler: Handler) -> web.StreamRespon
     status = 500
     started = perf_counter()
     try:
-        response = await stepped(cast(Coroutine[Any, Any, web.StreamResponse], handler(request)), steps)
+        response = await stepped(
+            cast(Coroutine[Any, Any, web.StreamResponse], handler(request)), steps
+        )
         status = response.status
         return response
     except web.HTTPException as exc:

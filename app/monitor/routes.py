@@ -1,4 +1,4 @@
-"""Per-route request accounting: counts, in-flight, longest handler step, and the metrics for them."""
+"""Per-route request accounting: counts, in-flight, longest handler step, and their metrics."""
 
 from __future__ import annotations
 

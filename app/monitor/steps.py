@@ -54,10 +54,7 @@ class _Stepped:
         while True:
             record.step_started = started = perf_counter()
             try:
-                if error is None:
-                    yielded = coro.send(send_value)
-                else:
-                    yielded = coro.throw(error)
+                yielded = coro.send(send_value) if error is None else coro.throw(error)
             except StopIteration as stop:
                 self._finish_step(started)
                 return stop.value
