@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
+from app.claims.article import quote_position
+
+K = TypeVar("K")
 Verdict = Literal["true", "false", "partly"]
 VERDICTS: tuple[Verdict, ...] = ("true", "false", "partly")
 
@@ -25,10 +28,10 @@ Experiment = Callable[[], Outcome]
 @dataclass(frozen=True)
 class Claim:
     id: str
-    claim: str  # our paraphrase of what is being checked
+    claim: str  # our one-line statement of what is checked
     quote: str  # the article's exact words
     experiment: Experiment
-    timeout: float
+    timeout: float  # seconds; the runner gives up after this
 
 
 _REGISTRY: dict[str, Claim] = {}
@@ -37,11 +40,13 @@ _REGISTRY: dict[str, Claim] = {}
 def claim(
     id: str, *, claim: str, quote: str, timeout: float = 10.0
 ) -> Callable[[Experiment], Experiment]:
-    """Register the decorated function as the experiment for one claim of the article."""
+    """Register the decorated function as the experiment that checks one claim of the article."""
 
     def register(fn: Experiment) -> Experiment:
         if id in _REGISTRY:
             raise ValueError(f"claim {id!r} registered twice")
+        if quote_position(quote) < 0:
+            raise ValueError(f"claim {id!r}: quote is not verbatim in the article: {quote!r}")
         _REGISTRY[id] = Claim(id=id, claim=claim, quote=quote, experiment=fn, timeout=timeout)
         return fn
 
@@ -49,9 +54,9 @@ def claim(
 
 
 def all_claims() -> list[Claim]:
-    """Every claim, in the order the article makes them (registration order)."""
+    """Every claim, in the order the article makes them."""
     _load_experiments()
-    return list(_REGISTRY.values())
+    return sorted(_REGISTRY.values(), key=lambda c: quote_position(c.quote))
 
 
 def get_claim(id: str) -> Claim:
@@ -60,19 +65,20 @@ def get_claim(id: str) -> Claim:
 
 
 def _load_experiments() -> None:
-    # Importing the topic modules runs their @claim decorators; the order here is the article's order.
+    # Importing the topic modules runs their @claim decorators.
     from app.claims import (  # noqa: F401
         blocking,
         debugging,
         scale,
         scheduling,
+        selector,
         threads,
     )
 
 
-def verdict_of(checks: Mapping[str, bool]) -> Verdict:
-    """All sub-checks hold: true; none: false; some: partly."""
-    hits = sum(checks.values())
-    if hits == len(checks):
+def verdict_of(checks: Mapping[K, bool]) -> Verdict:
+    """Every part of the claim held: true; none did: false; some did: partly."""
+    held = sum(checks.values())
+    if held == len(checks):
         return "true"
-    return "false" if hits == 0 else "partly"
+    return "false" if held == 0 else "partly"
