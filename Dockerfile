@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   server (the default, last stage): the service with its runtime dependencies only
+#   load:   the same plus the `load` extra (locust, matplotlib) and loadtest/, for locust and compare
+# Both install the project with pip from pyproject.toml, as the Makefile does. Dependencies go in a
+# layer of their own before the code is copied, so editing app/ rebuilds only a small layer.
+# tests/test_compose.py runs these RUN, CMD and HEALTHCHECK commands outside Docker (no engine there).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# ---- build stages: everything lands in the venv /opt/venv, which the runtime stages copy whole
+
+FROM base AS deps
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml deploy/docker/requirements.py ./
+RUN python requirements.py > requirements.txt && pip install -r requirements.txt
+
+FROM deps AS deps-load
+RUN python requirements.py load > requirements-load.txt && pip install -r requirements-load.txt
+
+FROM deps AS build
+COPY README.md ./
+COPY app ./app
+RUN pip install --no-deps .
+
+FROM deps-load AS build-load
+COPY README.md ./
+COPY app ./app
+RUN pip install --no-deps .
+
+# ---- runtime stages: no compiler, no pip cache, no sources, a user without a login
+
+FROM base AS runtime
+RUN useradd --system --user-group --uid 10001 --no-create-home --shell /usr/sbin/nologin looplab
+WORKDIR /app
+
+FROM runtime AS load
+# compare finds the scenarios here; matplotlib wants a writable config dir, and compose may run
+# this image as the host user (to write ./results), who has no home directory in it
+ENV LOOP_LAB_LOADTEST_DIR=/app/loadtest \
+    MPLCONFIGDIR=/tmp/matplotlib
+COPY --from=build-load /opt/venv /opt/venv
+COPY loadtest ./loadtest
+USER looplab
+EXPOSE 8089 5557
+CMD ["locust", "-f", "loadtest/multiplex.py"]
+
+FROM runtime AS server
+COPY --from=build /opt/venv /opt/venv
+USER looplab
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LOOP_LAB_PORT', '8080'), timeout=2)"]
+CMD ["loop-lab", "serve", "--host", "0.0.0.0"]
