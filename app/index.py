@@ -1,4 +1,4 @@
-"""`/`: an index of every endpoint with a ready-to-paste curl line."""
+"""`/endpoints`: every endpoint with a ready-to-paste curl line (`/` is the live dashboard)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
     ("/healthz", "cheapest probe"),
     ("/stats", "JSON snapshot: loop lag, connections, routes, executors"),
     ("/metrics", "Prometheus exposition"),
+    ("/events", "server-sent events: one dashboard update per tick (curl -N to watch)"),
 )
 
 
@@ -36,7 +37,8 @@ def render_index(host: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>loop-lab</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem}}td{{padding:.3rem .8rem}}</style>
-</head><body><h1>loop-lab</h1>
+</head><body><h1>loop-lab endpoints</h1>
+<p><a href="/">&larr; live dashboard</a></p>
 <table><thead><tr><th>endpoint</th><th>shows</th><th>try it</th></tr></thead>
 <tbody>
 {rows}
@@ -44,6 +46,6 @@ def render_index(host: str) -> str:
 """
 
 
-@routes.get("/")
+@routes.get("/endpoints")
 async def index_handler(request: web.Request) -> web.Response:
     return web.Response(text=render_index(request.host), content_type="text/html")
