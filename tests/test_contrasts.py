@@ -116,7 +116,7 @@ async def test_await_step_is_tiny(server: ServerThread) -> None:
     async with aiohttp.ClientSession() as session:
         body = await _get_json(session, f"{server.url}/await?delay=0.25")
     assert body["max_step_ms"] < 5
-    assert body["elapsed"] >= 0.25
+    assert body["elapsed"] >= 0.245  # libuv rounds timers to whole milliseconds
 
 
 async def test_cpu_inline_holds_the_loop_process_does_not(server: ServerThread) -> None:
