@@ -11,6 +11,8 @@ from app import (
     awaiting,
     blocking,
     cpu,
+    dashboard,
+    events,
     gathering,
     health,
     index,
@@ -30,7 +32,7 @@ SLOW_CALLBACK_S = 0.05  # what asyncio debug mode reports as a slow callback
 
 async def executors_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    executors = Executors(settings.thread_workers, settings.process_workers)
+    executors = Executors(settings.thread_workers, settings.process_workers, settings.pool_queue)
     app[EXECUTORS] = executors
     # start the worker processes now: spawning them on a request's first submit stalls the loop
     await executors.process.run(int)
@@ -50,8 +52,11 @@ async def debug_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> web.Application:
-    app = web.Application(middlewares=[instrument])
-    app[SETTINGS] = settings or Settings()
+    settings = settings or Settings()
+    # bodies are bounded for handlers that read them; app.guard answers a larger Content-Length
+    app = web.Application(client_max_size=settings.max_body_size)
+    app[SETTINGS] = settings
+    instrument(app)  # every route is counted and step-profiled (wrapped at startup)
     app.cleanup_ctx.extend([debug_ctx, monitor_ctx, executors_ctx])
     for module in (
         awaiting,
@@ -64,6 +69,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
         health,
         stats,
         index,
+        dashboard,
     ):
         app.add_routes(module.routes)
+    events.setup(app)  # /events and its broadcaster, started after the monitor and executors
     return app

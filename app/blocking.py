@@ -8,6 +8,7 @@ from time import perf_counter
 from aiohttp import web
 
 from app.params import delay_param
+from app.policy import ensure_allowed
 from app.responses import demo_response
 
 routes = web.RouteTableDef()
@@ -15,6 +16,7 @@ routes = web.RouteTableDef()
 
 @routes.get("/block")
 async def block_handler(request: web.Request) -> web.Response:
+    ensure_allowed(request, "blocks the event loop, stalling every client")
     started = perf_counter()
     delay = delay_param(request, default=0.1)
     time.sleep(delay)  # deliberately blocking: this is the bug the endpoint demonstrates

@@ -33,6 +33,13 @@ class Settings:
     stall_threshold: float = 0.5
     # seconds in-flight requests get to finish after SIGTERM/SIGINT
     grace: float = 30.0
+    # reliability limits (docs/reliability.md): every one bounds what a client can hold
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    pool_queue: int = 256
+    max_connections: int = 0  # 0: derived from the fd limit at start
+    max_body_size: int = 65_536
+    disable_blocking: bool = False
 
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
@@ -95,6 +102,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "access_log": _bool,
     "stall_threshold": _float(0.01, 60.0),
     "grace": _float(0.0, 600.0),
+    "header_timeout": _float(0.0, 3600.0),
+    "keepalive_timeout": _float(0.0, 86400.0),
+    "pool_queue": _int(0, 1_000_000),
+    "max_connections": _int(0, 10_000_000),
+    "max_body_size": _int(1, 1 << 30),
+    "disable_blocking": _bool,
 }
 
 _HELP: dict[str, str] = {
@@ -110,6 +123,14 @@ _HELP: dict[str, str] = {
     "access_log": "log every request",
     "stall_threshold": "seconds without a loop turn before the watchdog logs the loop's stack",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
+    "header_timeout": "seconds a client gets to send a request's line and headers, from connect or "
+    "the request's first byte; then 408 and close (0 = off)",
+    "keepalive_timeout": "seconds an idle keep-alive connection stays open between requests "
+    "(0 = close after each response)",
+    "pool_queue": "jobs that may wait for a busy worker, per pool; more get 503 + Retry-After",
+    "max_connections": "open connections before new ones get 503 (0 = fd limit minus a reserve)",
+    "max_body_size": "largest request body in bytes; a larger Content-Length gets 413",
+    "disable_blocking": "answer /block and /cpu with 403 (for shared deployments)",
 }
 
 

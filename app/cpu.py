@@ -9,6 +9,7 @@ from aiohttp import web
 from app.executors import PoolName
 from app.keys import EXECUTORS
 from app.params import choice_param, int_param
+from app.policy import ensure_allowed
 from app.responses import demo_response
 
 routes = web.RouteTableDef()
@@ -27,6 +28,7 @@ def burn(units: int) -> int:
 
 @routes.get("/cpu")
 async def cpu_handler(request: web.Request) -> web.Response:
+    ensure_allowed(request, "burns CPU for seconds (inline it also blocks the event loop)")
     started = perf_counter()
     units = int_param(request, "n", default=1_000_000, lo=1, hi=MAX_UNITS)
     via = choice_param(request, "via", VIA, "inline")

@@ -29,26 +29,9 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
-        self.requests = Counter(
-            "looplab_requests",
-            "Requests answered, by route and status.",
-            ["route", "status"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "looplab_request_duration_seconds",
-            "Handler wall time, by route.",
-            ["route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.handler_step = Histogram(
-            "looplab_handler_step_seconds",
-            "Longest synchronous stretch (no yield to the loop) per request, by route.",
-            ["route"],
-            buckets=STEP_BUCKETS,
-            registry=r,
-        )
+        # looplab_requests_total, looplab_request_duration_seconds and
+        # looplab_handler_step_seconds are per-request, so app.monitor.routes.RouteStats
+        # counts them without locks and exports them at scrape time (bucket bounds below).
         self.loop_info = Gauge(
             "looplab_loop_info",
             "The running event loop implementation (value 1).",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from time import perf_counter
 
 from aiohttp import web
 
-from app.executors import POOL_NAMES
+from app.executors import POOL_NAMES, worker_sleep
 from app.keys import EXECUTORS
 from app.params import choice_param, delay_param
 from app.responses import demo_response
@@ -18,8 +17,11 @@ routes = web.RouteTableDef()
 
 
 def blocking_sleep(delay: float) -> str:
-    """Runs in a pool worker (thread or process); says where it ran."""
-    time.sleep(delay)
+    """Runs in a pool worker (thread or process), blocking it; says where it ran.
+
+    Blocks like time.sleep, except that a shutting-down pool can wake it (see app.executors).
+    """
+    worker_sleep(delay)
     return f"pid {os.getpid()} thread {threading.current_thread().name}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -16,13 +17,19 @@ from aiohttp import web
 
 from app.application import create_app
 from app.config import Settings
+from app.guard import ConnectionGuard, GuardedSite, connection_limit, fd_reserve
 from app.keys import MONITOR
 from app.loops import loop_factory
+from app.monitor.process import open_fds
 
 log = logging.getLogger("loop_lab")
 
 TARGET_CONNECTIONS = 10_000  # what the multiplex scenario holds open
 FD_HEADROOM = 256  # pools, logs, pipes, the listening socket, the watchdog...
+DRAIN_POLL_S = 0.01  # how often the drain looks at the in-flight count
+# after the grace period aiohttp waits this long (twice: handler, then its cancellation) per
+# request still running before it closes the connection
+CUT_TIMEOUT_S = 0.25
 
 
 def raise_fd_limit(backlog: int) -> int:
@@ -95,22 +102,82 @@ class RunningServer:
         await self.runner.cleanup()
 
 
+class DrainingRunner(web.AppRunner):
+    """An AppRunner whose shutdown waits (up to the grace period) for requests in flight.
+
+    `runner.cleanup()` first stops the sites (the listening socket closes: new connections are
+    refused) and closes idle keep-alive connections, then calls `shutdown()` (this), then closes
+    what is left. aiohttp's own wait there uses `shutdown_timeout` twice per connection (for the
+    handler, then for its cancellation), so a 30 s timeout could hold a stuck request for 60 s;
+    here the grace period is waited once, and the rest is cut quickly and counted.
+    """
+
+    __slots__ = ("_grace", "cut")
+
+    def __init__(self, app: web.Application, *, grace: float, **kwargs: object) -> None:
+        super().__init__(app, shutdown_timeout=CUT_TIMEOUT_S, **kwargs)  # type: ignore[arg-type]
+        self._grace = grace
+        self.cut = 0  # requests still running when the grace period ended
+
+    async def shutdown(self) -> None:
+        await super().shutdown()  # on_shutdown: long-lived streams (/events) end here
+        routes = self.app[MONITOR].routes
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self._grace
+        # polled: an Event would put a check on every request's hot path for the sake of shutdown
+        while routes.in_flight > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.cut = routes.in_flight
+        if self.cut:
+            log.warning(
+                "grace period (%.1fs) over: closing %d requests still running",
+                self._grace,
+                self.cut,
+            )
+        else:
+            log.info("drained: every request in flight finished in %.2fs", loop.time() - started)
+
+
+def _fd_soft_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
 async def start_server(settings: Settings, *, reuse_port: bool = False) -> RunningServer:
     """Start the app on a real socket (port 0 picks a free port); return once it accepts."""
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = DrainingRunner(
         app,
+        grace=settings.grace,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        shutdown_timeout=settings.grace,
         handle_signals=False,
+        keepalive_timeout=settings.keepalive_timeout,
+        # a client that hangs up cancels its handler (aiohttp's default lets it run to the end)
+        handler_cancellation=True,
     )
     await runner.setup()
     sock: socket.socket | None = None
     try:
-        assert runner.server is not None
-        app[MONITOR].connections.attach(runner.server)
+        server = runner.server
+        assert server is not None
+        monitor = app[MONITOR]
+        monitor.connections.attach(server)
         sock = listen_socket(settings.host, settings.port, settings.backlog, reuse_port)
-        await web.SockSite(runner, sock, backlog=settings.backlog).start()
+        fd_limit = _fd_soft_limit()
+        max_connections = settings.max_connections or connection_limit(fd_limit, open_fds())
+        monitor.accept.configure(fd_limit, max_connections)
+        monitor.accept.install(asyncio.get_running_loop())
+        guard = ConnectionGuard(
+            server,
+            monitor.accept,
+            lambda: monitor.connections.open,
+            header_timeout=settings.header_timeout,
+            max_connections=max_connections,
+            max_body_size=settings.max_body_size,
+            linger_slots=fd_reserve(fd_limit) // 2,
+        )
+        await GuardedSite(runner, sock, guard, settings.backlog).start()
     except BaseException:
         if sock is not None:
             sock.close()
@@ -118,6 +185,13 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         raise
     host, port = sock.getsockname()[:2]
     return RunningServer(app, runner, str(host), int(port))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False) -> None:
@@ -137,11 +211,22 @@ async def serve_until_signalled(settings: Settings, *, reuse_port: bool = False)
         if cap is not None and cap < settings.backlog
         else "",
     )
+    if not is_loopback(server.host):
+        log.warning(
+            "listening on %s, reachable beyond this machine: anyone who can connect can stall "
+            "the loop with /block or burn CPU with /cpu (--disable-blocking turns both off)",
+            server.host,
+        )
     await stop.wait()
     in_flight = server.app[MONITOR].routes.in_flight
-    log.info("draining: %d requests in flight, up to %.1fs grace", in_flight, settings.grace)
+    log.info(
+        "draining: %d requests in flight, up to %.1fs grace; new connections are refused",
+        in_flight,
+        settings.grace,
+    )
     await server.stop()
-    log.info("stopped cleanly (pid %d)", os.getpid())
+    cut = server.runner.cut if isinstance(server.runner, DrainingRunner) else 0
+    log.info("stopped (pid %d): %d requests cut at the end of the grace period", os.getpid(), cut)
 
 
 def run_one(settings: Settings, *, reuse_port: bool = False) -> None:

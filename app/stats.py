@@ -26,11 +26,13 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "in_flight": monitor.routes.in_flight,
         "requests_total": monitor.routes.total,
         "connections": monitor.connections.as_dict(),
+        "accept": monitor.accept.as_dict(),
         "routes": monitor.routes.as_dict(),
         "longest_step": None
         if longest is None
         else {"route": longest[0], "max_step_ms": round(longest[1], 3)},
         "executor": app[EXECUTORS].as_dict(),
+        "executor_limits": app[EXECUTORS].limits_dict(),
         "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
         "rss_mb": round(monitor.rss() / 2**20, 2),
         "rss_mb_peak": round(monitor.rss_peak / 2**20, 2),

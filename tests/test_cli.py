@@ -156,3 +156,40 @@ async def test_two_workers_answer_from_two_pids() -> None:
         assert len(pids) == 2
         assert proc.pid not in pids
     assert proc.returncode == 0
+
+
+def test_low_fd_hard_limit_is_reported_plainly() -> None:
+    """Under a 1024 hard fd limit the server raises the soft limit to it and warns 10k won't fit."""
+    # prlimit (util-linux) rather than preexec_fn, which is unsafe in a threaded test process
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=256:1024", sys.executable, "-m", "app", "serve", "--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        while not any("serving on" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "server exited early"
+            lines.append(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    text = "".join(lines)
+    assert "RLIMIT_NOFILE soft limit 1024 (hard 1024)" in text
+    assert "too low for 10000 connections" in text
+
+
+async def test_debug_mode_reports_the_slow_callback() -> None:
+    """--debug turns on asyncio debug mode: a 200 ms /block is logged as a slow callback."""
+    with serve_process("--debug") as (proc, urls):
+        async with aiohttp.ClientSession() as session:
+            await _json(session, f"{urls[0]}/block?delay=0.2")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        rest = proc.stderr.read()
+    assert re.search(r"Executing <Task .* took 0\.2\d\d seconds", rest), rest[-2000:]

@@ -7,13 +7,13 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from app.keys import EXECUTORS, METRICS, MONITOR, SETTINGS
 from app.loops import LoopName, loop_name
 from app.metrics import LiveValues, Metrics
+from app.monitor.accept import AcceptMonitor
 from app.monitor.connections import ConnectionTracker
 from app.monitor.lag import LagSampler
 from app.monitor.process import rss_bytes
@@ -25,8 +25,10 @@ class Monitor:
     def __init__(self, metrics: Metrics, stall_threshold: float) -> None:
         self.metrics = metrics
         self.lag = LagSampler(observe=metrics.loop_lag.observe)
-        self.routes = RouteStats(metrics)
+        self.routes = RouteStats()
+        metrics.registry.register(self.routes)  # exports the per-route request families
         self.connections = ConnectionTracker()
+        self.accept = AcceptMonitor()  # fd exhaustion, connection cap, header timeouts
         self.stall_threshold = stall_threshold
         self.loop: LoopName = "asyncio"
         self.pid = os.getpid()
@@ -80,13 +82,9 @@ async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         )
 
     metrics.register_live(live)
+    monitor.accept.register(metrics.registry)
     monitor.start(asyncio.get_running_loop())
     try:
         yield
     finally:
         monitor.stop()
-
-
-def route_of(request: web.Request) -> str:
-    resource: Any = request.match_info.route.resource
-    return "unmatched" if resource is None else str(resource.canonical)

@@ -1,84 +1,177 @@
-"""Per-route request accounting: counts, in-flight, longest handler step, and their metrics."""
+"""Per-route request accounting: counts, in-flight, longest handler step, and their metrics.
+
+Every request lands here, so recording is plain arithmetic on the loop thread: a count per status,
+the longest and last step, one bucket of each of two histograms (found with `bisect`) and their
+sums. prometheus_client's own Counter and Histogram were used here before: each increment takes a
+lock and `observe` walks the bucket bounds in Python (docs/benchmarks.md, "Instrumentation
+overhead"). The same families (`looplab_requests_total{route,status}`,
+`looplab_request_duration_seconds{route}`, `looplab_handler_step_seconds{route}`, same buckets)
+are built from these figures when Prometheus scrapes; scrapes run on the loop (the /metrics
+handler), like the requests, so they never see a half-made update.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 
-from app.metrics import Metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from app.metrics import DURATION_BUCKETS, STEP_BUCKETS
 
 
-@dataclass(slots=True)
 class RouteRecord:
-    count: int = 0
-    errors: int = 0
-    in_flight: int = 0
-    max_step_ms: float = 0.0
-    last_step_ms: float = 0.0
+    """One route's figures; its requests count themselves in `in_flight` and `add` their outcome.
+
+    Only what must be counted per request is; totals and errors are summed from the status counts
+    when read, which is rare.
+    """
+
+    __slots__ = (
+        "duration_buckets",
+        "duration_sum",
+        "in_flight",
+        "last_step",
+        "max_step",
+        "route",
+        "statuses",
+        "step_buckets",
+        "step_sum",
+    )
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.in_flight = 0
+        self.max_step = 0.0  # seconds
+        self.last_step = 0.0
+        self.statuses: dict[int, int] = {}
+        # non-cumulative counts; the last slot is +Inf
+        self.duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.step_buckets = [0] * (len(STEP_BUCKETS) + 1)
+        self.step_sum = 0.0
+
+    def add(self, status: int, duration: float, step: float) -> None:
+        """Count one answered request: its status, wall time and longest step (seconds)."""
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        self.last_step = step
+        if step > self.max_step:
+            self.max_step = step
+        # bisect_left: the first bound >= value, i.e. Prometheus' `le` bucket
+        self.duration_buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+        self.step_buckets[bisect_left(STEP_BUCKETS, step)] += 1
+        self.step_sum += step
+
+    @property
+    def count(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
             "count": self.count,
             "errors": self.errors,
             "in_flight": self.in_flight,
-            "max_step_ms": round(self.max_step_ms, 3),
-            "last_step_ms": round(self.last_step_ms, 3),
+            "max_step_ms": round(self.max_step * 1000.0, 3),
+            "last_step_ms": round(self.last_step * 1000.0, 3),
         }
 
 
-class RouteStats:
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self.by_route: dict[str, RouteRecord] = {}
-        self.in_flight = 0
-        self.total = 0
-        # labelled children cached: `.labels()` takes a lock and builds a key on every call
-        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+def _le_labels(bounds: Sequence[float]) -> tuple[str, ...]:
+    """`le` labels spelled as prometheus_client spells its own (`0.005`, `1.0`, `+Inf`)."""
+    return tuple(str(floatToGoString(b)) for b in (*bounds, float("inf")))  # type: ignore[no-untyped-call]
 
-    def enter(self, route: str) -> RouteRecord:
+
+_DURATION_LE = _le_labels(DURATION_BUCKETS)
+_STEP_LE = _le_labels(STEP_BUCKETS)
+
+
+def _histogram_buckets(labels: Sequence[str], counts: list[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets: cumulative counts under their `le` labels."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for label, count in zip(labels, counts, strict=True):
+        total += count
+        buckets.append((label, total))
+    return buckets
+
+
+class RouteStats(Collector):
+    """Every route's record, the totals, and the per-route Prometheus families."""
+
+    def __init__(self) -> None:
+        self.by_route: dict[str, RouteRecord] = {}
+
+    def record_for(self, route: str) -> RouteRecord:
+        """The record requests of `route` go into (made on first use)."""
         record = self.by_route.get(route)
         if record is None:
-            record = self.by_route[route] = RouteRecord()
-        record.in_flight += 1
-        self.in_flight += 1
+            record = self.by_route[route] = RouteRecord(route)
         return record
 
-    def leave(
-        self, record: RouteRecord, route: str, status: int, duration: float, step: float
-    ) -> None:
-        self.in_flight -= 1
-        self.total += 1
-        record.in_flight -= 1
-        record.count += 1
-        if status >= 500:
-            record.errors += 1
-        step_ms = step * 1000.0
-        record.last_step_ms = step_ms
-        if step_ms > record.max_step_ms:
-            record.max_step_ms = step_ms
-        children = self._children.get((route, status))
-        if children is None:
-            m = self._metrics
-            children = self._children[(route, status)] = (
-                m.requests.labels(route=route, status=str(status)),
-                m.duration.labels(route=route),
-                m.handler_step.labels(route=route),
-            )
-        requests, duration_hist, step_hist = children
-        requests.inc()
-        duration_hist.observe(duration)
-        step_hist.observe(step)
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now (summed over routes: read rarely, counted per route)."""
+        return sum(rec.in_flight for rec in list(self.by_route.values()))
+
+    @property
+    def total(self) -> int:
+        """Requests answered since start."""
+        return sum(rec.count for rec in list(self.by_route.values()))
 
     def in_flight_by_route(self) -> dict[str, int]:
         # called from the watchdog thread: copy first, the loop may add routes meanwhile
         return {r: rec.in_flight for r, rec in list(self.by_route.items()) if rec.in_flight}
 
+    def _seen(self) -> list[tuple[str, RouteRecord]]:
+        # records exist for every route from startup; show the ones that have had a request
+        return [
+            (r, rec) for r, rec in sorted(self.by_route.items()) if rec.statuses or rec.in_flight
+        ]
+
     def as_dict(self) -> dict[str, dict[str, float | int]]:
-        return {route: rec.as_dict() for route, rec in sorted(self.by_route.items())}
+        return {route: rec.as_dict() for route, rec in self._seen()}
 
     def longest_step(self) -> tuple[str, float] | None:
         """The route with the longest step seen so far, and that step in ms."""
-        if not self.by_route:
+        seen = self._seen()
+        if not seen:
             return None
-        route, rec = max(self.by_route.items(), key=lambda item: item[1].max_step_ms)
-        return route, rec.max_step_ms
+        route, rec = max(seen, key=lambda item: item[1].max_step)
+        return route, rec.max_step * 1000.0
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "looplab_requests",
+            "Requests answered, by route and status.",
+            labels=["route", "status"],
+        )
+        duration = HistogramMetricFamily(
+            "looplab_request_duration_seconds", "Handler wall time, by route.", labels=["route"]
+        )
+        steps = HistogramMetricFamily(
+            "looplab_handler_step_seconds",
+            "Longest synchronous stretch (no yield to the loop) per request, by route.",
+            labels=["route"],
+        )
+        for route, rec in sorted(list(self.by_route.items())):
+            if not rec.statuses:
+                continue  # in flight only: nothing answered yet
+            for status, count in sorted(rec.statuses.items()):
+                requests.add_metric([route, str(status)], count)
+            duration.add_metric(
+                [route],
+                _histogram_buckets(_DURATION_LE, rec.duration_buckets),
+                rec.duration_sum,
+            )
+            steps.add_metric([route], _histogram_buckets(_STEP_LE, rec.step_buckets), rec.step_sum)
+        yield requests
+        yield duration
+        yield steps

@@ -1,16 +1,22 @@
 """Per-request step profiler: the longest stretch a handler ran without yielding to the loop.
 
 A coroutine runs on the loop in "steps": each `send()` into it runs synchronously until its next
-`await` that really suspends. `stepped()` drives the handler coroutine itself, timing every step, so
+`await` that really suspends. `drive()` drives the handler coroutine itself, timing every step, so
 a handler that calls `time.sleep(0.2)` shows one 200 ms step while one that awaits shows only
 microsecond steps. It works the same on asyncio and uvloop because both drive coroutines through
 asyncio.Task, which only sees the futures we pass through untouched.
+
+This runs on every request, so it is written for the hot path (see docs/benchmarks.md,
+"Instrumentation overhead"): a plain generator instead of an awaitable object plus an `async def`
+around it, and the first step's start doubles as the handler's start, so a one-step handler
+costs two clock reads in all.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Coroutine, Generator
+import types
+from collections.abc import Awaitable, Coroutine, Generator
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -18,14 +24,21 @@ T = TypeVar("T")
 
 
 class StepRecord:
-    """Timing of one request's synchronous stretches."""
+    """Timing of one request's synchronous stretches (perf_counter seconds)."""
 
-    __slots__ = ("max_step", "step_started", "steps")
+    __slots__ = ("ended", "max_step", "started", "step_started", "steps")
 
     def __init__(self) -> None:
         self.max_step = 0.0
-        self.step_started = 0.0
+        self.step_started = 0.0  # start of the step running now; 0.0 between steps
         self.steps = 0
+        self.started = 0.0  # start of the first step
+        self.ended = 0.0  # end of the last step
+
+    @property
+    def elapsed(self) -> float:
+        """Wall time from the first step's start to the last step's end."""
+        return self.ended - self.started
 
     def max_step_so_far(self) -> float:
         """Longest step including the one running now (a handler asks while still in a step)."""
@@ -38,30 +51,31 @@ current_steps: contextvars.ContextVar[StepRecord | None] = contextvars.ContextVa
 )
 
 
-class _Stepped:
-    """Awaitable that drives `coro` step by step, recording each step's duration."""
+def drive_steps(
+    coro: Coroutine[Any, Any, T] | Generator[Any, Any, T], record: StepRecord
+) -> Generator[Any, Any, T]:
+    """Run `coro` to completion one step at a time, timing each step into `record`.
 
-    __slots__ = ("_coro", "_record")
-
-    def __init__(self, coro: Coroutine[Any, Any, T], record: StepRecord) -> None:
-        self._coro = coro
-        self._record = record
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, record = self._coro, self._record
-        send_value: Any = None
-        error: BaseException | None = None
+    Use it with `yield from` inside another generator-based coroutine, or `await drive(...)`.
+    Whatever the coroutine yields (futures) goes up to the Task untouched; whatever the Task sends
+    or throws (results, cancellation) goes down into the coroutine.
+    """
+    # every request runs this loop: locals, not attributes, except what a handler may read
+    # mid-step through `current_steps` (the running step's start, the longest step so far)
+    send = coro.send
+    send_value: Any = None
+    error: BaseException | None = None
+    steps = 0
+    record.started = started = perf_counter()
+    try:
         while True:
-            record.step_started = started = perf_counter()
-            try:
-                yielded = coro.send(send_value) if error is None else coro.throw(error)
-            except StopIteration as stop:
-                self._finish_step(started)
-                return stop.value
-            except BaseException:
-                self._finish_step(started)
-                raise
-            self._finish_step(started)
+            record.step_started = started
+            yielded = send(send_value) if error is None else coro.throw(error)
+            step = perf_counter() - started
+            steps += 1
+            if step > record.max_step:
+                record.max_step = step
+            record.step_started = 0.0
             try:
                 send_value = yield yielded
                 error = None
@@ -71,22 +85,36 @@ class _Stepped:
             except BaseException as exc:  # cancellation and friends go into the handler
                 error = exc
                 send_value = None
+            started = perf_counter()
+    except StopIteration as stop:  # the handler returned: its last step ends here
+        _end_last_step(record, started, steps)
+        result: T = stop.value
+        return result
+    except GeneratorExit:
+        raise  # closed between steps: no step was running
+    except BaseException:
+        _end_last_step(record, started, steps)
+        raise
 
-    def _finish_step(self, started: float) -> None:
-        record = self._record
-        step = perf_counter() - started
-        record.steps += 1
-        record.step_started = 0.0
-        if step > record.max_step:
-            record.max_step = step
+
+def _end_last_step(record: StepRecord, started: float, steps: int) -> None:
+    record.ended = ended = perf_counter()
+    record.step_started = 0.0
+    record.steps = steps + 1
+    if ended - started > record.max_step:
+        record.max_step = ended - started
+
+
+drive = types.coroutine(drive_steps)
+"""`await drive(coro, record)`: `drive_steps` as an awaitable, with no extra coroutine frame."""
 
 
 async def stepped(coro: Coroutine[Any, Any, T], record: StepRecord) -> T:
-    """Await `coro`, timing each of its synchronous steps into `record`."""
+    """Await `coro`, timing each of its synchronous steps into `record`; `current_steps` is set."""
     token = current_steps.set(record)
     try:
-        result: T = await _Stepped(coro, record)
-        return result
+        awaitable: Awaitable[T] = drive(coro, record)
+        return await awaitable
     finally:
         current_steps.reset(token)
 
