@@ -1,0 +1,504 @@
+"""What loop-lab's instrumentation costs: loop-lab vs a bare aiohttp server, measured with wrk.
+
+Both servers run at once, each a single process on the same loop, pinned to the same CPU; wrk
+runs on another CPU. Rounds alternate bare, loop-lab, bare, loop-lab on the same path, and each
+round's loop-lab/bare ratio is paired, so drift on a shared machine hits both sides of a ratio.
+
+Targets (median over rounds, per loop):
+- `/healthz`: loop-lab >= 0.95 x a bare hello-world handler.
+- `/await?delay=0`: loop-lab >= 0.85 x a bare handler that parses the delay, awaits and answers
+  the same JSON (scripts/bare_server.py).
+
+    python scripts/overhead.py --rounds 5 --duration 10
+
+Exit status: 0 all targets met, 1 a target missed, 2 the measurement could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = Path(__file__).resolve().parent.parent
+BARE_SERVER = ROOT / "scripts" / "bare_server.py"
+LOOPS = ("asyncio", "uvloop")
+# path -> the lowest acceptable median of loop-lab rps / bare rps
+TARGETS: dict[str, float] = {"/healthz": 0.95, "/await?delay=0": 0.85}
+SERVER_START_TIMEOUT_S = 60.0
+SERVER_STOP_TIMEOUT_S = 30.0
+
+_URL_LINE = re.compile(r"(?:serving|listening) on (http://[^\s,]+)")
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class BenchError(RuntimeError):
+    """The measurement could not be made (missing tool, server did not start, wrk failed)."""
+
+
+# -- wrk output ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    duration_s: float
+    rps: float
+    latency_avg_ms: float
+    socket_errors: int  # connect + read + write + timeout
+    non_2xx: int
+
+    @property
+    def clean(self) -> bool:
+        """Every request answered with 2xx/3xx and no socket error: the rps means something."""
+        return self.socket_errors == 0 and self.non_2xx == 0 and self.requests > 0
+
+
+def _seconds(number: str, unit: str) -> float:
+    return float(number) * _UNIT_S[unit]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse wrk's (4.x) summary: requests, duration, Requests/sec, latency, errors."""
+    totals = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", text, re.MULTILINE)
+    rps = re.search(r"^Requests/sec:\s*([\d.]+)", text, re.MULTILINE)
+    latency = re.search(r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\s", text, re.MULTILINE)
+    if totals is None or rps is None or latency is None:
+        raise BenchError(f"wrk output not understood:\n{text}")
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(
+        requests=int(totals.group(1)),
+        duration_s=_seconds(totals.group(2), totals.group(3)),
+        rps=float(rps.group(1)),
+        latency_avg_ms=_seconds(latency.group(1), latency.group(2)) * 1000.0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
+# -- ratios -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    min: float
+    max: float
+
+
+def spread(values: Sequence[float]) -> Spread:
+    if not values:
+        raise ValueError("no values")
+    return Spread(statistics.median(values), min(values), max(values))
+
+
+def paired_ratios(bare: Sequence[float], lab: Sequence[float]) -> list[float]:
+    """loop-lab / bare for each round (the two runs of a round were measured back to back)."""
+    if len(bare) != len(lab):
+        raise ValueError(f"unpaired rounds: {len(bare)} bare vs {len(lab)} loop-lab")
+    return [lab_rps / bare_rps for bare_rps, lab_rps in zip(bare, lab, strict=True)]
+
+
+@dataclass
+class PathResult:
+    loop: str
+    path: str
+    target: float
+    bare_rps: list[float] = field(default_factory=list)
+    lab_rps: list[float] = field(default_factory=list)
+    # server CPU time per request (µs): what each request cost the server, whatever share of
+    # the CPU other processes left it; empty where /proc is missing
+    bare_cpu_us: list[float] = field(default_factory=list)
+    lab_cpu_us: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return paired_ratios(self.bare_rps, self.lab_rps)
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """bare CPU per request / loop-lab CPU per request: the rps ratio a quiet CPU would give."""
+        return paired_ratios(self.lab_cpu_us, self.bare_cpu_us)
+
+    @property
+    def ratio(self) -> Spread:
+        return spread(self.ratios)
+
+    @property
+    def met(self) -> bool:
+        return self.ratio.median >= self.target
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "loop": self.loop,
+            "path": self.path,
+            "target": self.target,
+            "bare_rps": self.bare_rps,
+            "lab_rps": self.lab_rps,
+            "bare_rps_median": statistics.median(self.bare_rps),
+            "lab_rps_median": statistics.median(self.lab_rps),
+            "ratios": self.ratios,
+            "ratio": asdict(self.ratio),
+            "met": self.met,
+            "bare_cpu_us_per_request": self.bare_cpu_us,
+            "lab_cpu_us_per_request": self.lab_cpu_us,
+            "cpu_ratios": self.cpu_ratios,
+            "cpu_ratio": asdict(spread(self.cpu_ratios)) if self.cpu_ratios else None,
+        }
+
+
+def markdown_table(results: Sequence[PathResult]) -> str:
+    lines = [
+        "| loop | path | bare rps | loop-lab rps | ratio median | min | max | target | met "
+        "| CPU µs/req bare | loop-lab | CPU ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = r.ratio
+        cpu = (
+            f"{statistics.median(r.bare_cpu_us):.1f} | {statistics.median(r.lab_cpu_us):.1f} "
+            f"| {statistics.median(r.cpu_ratios):.3f}"
+            if r.cpu_ratios
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {r.loop} | `{r.path}` | {statistics.median(r.bare_rps):,.0f} "
+            f"| {statistics.median(r.lab_rps):,.0f} | {ratio.median:.3f} | {ratio.min:.3f} "
+            f"| {ratio.max:.3f} | ≥ {r.target:.2f} | {'yes' if r.met else 'NO'} | {cpu} |"
+        )
+    return "\n".join(lines)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """Prefix `taskset -c CPU` when pinning is on (cpu is not None)."""
+    return command if cpu is None else ["taskset", "-c", str(cpu), *command]
+
+
+def choose_cpus(server_cpu: int, client_cpu: int) -> tuple[int | None, int | None]:
+    """Pin only when taskset exists and both CPUs are ours to use."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if shutil.which("taskset") and {server_cpu, client_cpu} <= allowed and server_cpu != client_cpu:
+        return server_cpu, client_cpu
+    return None, None
+
+
+def child_env() -> dict[str, str]:
+    """The caller's environment without LOOP_LAB_* (a stray LOOP_LAB_DEBUG would skew it all)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LOOP_LAB_")}
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` (all its threads), from /proc; None if missing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # fields after the command name (which may hold spaces) ; utime and stime are 14th and 15th
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(
+        url, timeout=timeout
+    ) as response:  # servers here listen on loopback
+        return int(response.status), bytes(response.read())
+
+
+def _wait_ready(server: Server, deadline: float) -> None:
+    """Read the URL the server logs once it listens, then poll /healthz until it answers."""
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(
+                f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
+            )
+        if not server.url:
+            match = _URL_LINE.search(server.log_path.read_text(errors="replace"))
+            if match:
+                server.url = match.group(1)
+        if server.url:
+            try:
+                if _get(f"{server.url}/healthz")[0] == 200:
+                    return
+            except (OSError, urllib.error.URLError):
+                pass
+        time.sleep(0.05)  # polling for readiness, not waiting a fixed time
+    raise BenchError(
+        f"{server.name} not ready in {SERVER_START_TIMEOUT_S:.0f}s:\n{server.log_tail()}"
+    )
+
+
+def stop_server(server: Server) -> int:
+    """SIGTERM (both servers drain and exit 0), SIGKILL if it hangs; returns the exit code."""
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    return server.process.returncode
+
+
+@contextmanager
+def run_server(name: str, command: list[str], log_dir: Path) -> Iterator[Server]:
+    """Start `command` (it must log `... on http://HOST:PORT`), yield once it serves, then stop."""
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=child_env(),
+        )
+    server = Server(name, process, log_path)
+    try:
+        _wait_ready(server, time.monotonic() + SERVER_START_TIMEOUT_S)
+        yield server
+    finally:
+        stop_server(server)
+
+
+def bare_command(loop: str, cpu: int | None) -> list[str]:
+    return pinned([sys.executable, str(BARE_SERVER), "--loop", loop, "--port", "0"], cpu)
+
+
+def lab_command(loop: str, cpu: int | None) -> list[str]:
+    """`loop-lab serve` (as `python -m app serve`), one process, defaults otherwise."""
+    command = [sys.executable, "-m", "app", "serve", "--loop", loop]
+    return pinned([*command, "--host", "127.0.0.1", "--port", "0", "--workers", "1"], cpu)
+
+
+# -- wrk ----------------------------------------------------------------------------------------
+
+
+def find_wrk(install: bool, out: TextIO) -> str:
+    """wrk's path; installs Debian's wrk with apt-get when allowed and possible."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if install and shutil.which("apt-get") and os.geteuid() == 0:
+        print("wrk not found: installing it with apt-get", file=out, flush=True)
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+            subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
+        path = shutil.which("wrk")
+        if path:
+            return path
+    raise BenchError(
+        "wrk not found; install it (Debian: apt-get install wrk)"
+        + ("" if install else " or drop --no-install")
+    )
+
+
+def run_wrk(wrk: str, url: str, duration: float, connections: int, cpu: int | None) -> WrkResult:
+    command = pinned([wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", url], cpu)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 60, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
+    return parse_wrk(done.stdout)
+
+
+# -- the measurement ----------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    rounds: int
+    duration: float
+    warmup: float
+    connections: int
+    loops: list[str]
+    server_cpu: int | None
+    client_cpu: int | None
+
+
+def measure_loop(
+    wrk: str, loop: str, options: Options, log_dir: Path, out: TextIO
+) -> list[PathResult]:
+    results = [PathResult(loop, path, target) for path, target in TARGETS.items()]
+    with ExitStack() as stack:
+        bare = stack.enter_context(
+            run_server(f"bare-{loop}", bare_command(loop, options.server_cpu), log_dir)
+        )
+        lab = stack.enter_context(
+            run_server(f"loop-lab-{loop}", lab_command(loop, options.server_cpu), log_dir)
+        )
+        print(f"[{loop}] bare {bare.url}  loop-lab {lab.url}", file=out, flush=True)
+        if options.warmup > 0:
+            for result in results:
+                for server in (bare, lab):
+                    run_wrk(
+                        wrk,
+                        server.url + result.path,
+                        options.warmup,
+                        options.connections,
+                        options.client_cpu,
+                    )
+        for round_no in range(1, options.rounds + 1):
+            for result in results:
+                pair: list[float] = []
+                sides = (
+                    (bare, result.bare_rps, result.bare_cpu_us),
+                    (lab, result.lab_rps, result.lab_cpu_us),
+                )
+                for server, rps_list, cpu_list in sides:
+                    cpu_before = cpu_seconds(server.process.pid)
+                    run = run_wrk(
+                        wrk,
+                        server.url + result.path,
+                        options.duration,
+                        options.connections,
+                        options.client_cpu,
+                    )
+                    if not run.clean:
+                        raise BenchError(
+                            f"{server.name} {result.path}: {run.non_2xx} non-2xx responses, "
+                            f"{run.socket_errors} socket errors in {run.requests} requests"
+                        )
+                    cpu_after = cpu_seconds(server.process.pid)
+                    rps_list.append(run.rps)
+                    pair.append(run.rps)
+                    if cpu_before is not None and cpu_after is not None:
+                        cpu_list.append((cpu_after - cpu_before) * 1e6 / run.requests)
+                cpu_note = (
+                    f"  CPU µs/req {result.bare_cpu_us[-1]:.1f} vs {result.lab_cpu_us[-1]:.1f}"
+                    if result.cpu_ratios
+                    else ""
+                )
+                print(
+                    f"[{loop}] round {round_no} {result.path:<16} bare {pair[0]:>9,.0f} rps  "
+                    f"loop-lab {pair[1]:>9,.0f} rps  ratio {pair[1] / pair[0]:.3f}{cpu_note}",
+                    file=out,
+                    flush=True,
+                )
+    return results
+
+
+def measure(wrk: str, options: Options, out: TextIO) -> list[PathResult]:
+    results: list[PathResult] = []
+    with tempfile.TemporaryDirectory(prefix="looplab-overhead-") as tmp:
+        for loop in options.loops:
+            results.extend(measure_loop(wrk, loop, options, Path(tmp), out))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="loop-lab's instrumentation overhead vs bare aiohttp, measured with wrk."
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per loop and path")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk before round 1")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated loops")
+    parser.add_argument("--server-cpu", type=int, default=0, help="CPU both servers are pinned to")
+    parser.add_argument("--client-cpu", type=int, default=1, help="CPU wrk is pinned to")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--no-install", action="store_true", help="fail instead of apt-get installing wrk"
+    )
+    parser.add_argument(
+        "--no-targets", action="store_true", help="report only; exit 0 even if a target is missed"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args = build_parser().parse_args(argv)
+    loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    unknown = sorted(set(loops) - set(LOOPS))
+    if unknown or not loops or args.rounds < 1 or args.duration < 1 or args.connections < 1:
+        print(
+            f"overhead: need loops from {', '.join(LOOPS)} (got {args.loops!r}), "
+            "--rounds >= 1, --duration >= 1, --connections >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    server_cpu, client_cpu = choose_cpus(args.server_cpu, args.client_cpu)
+    options = Options(
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        connections=args.connections,
+        loops=loops,
+        server_cpu=server_cpu,
+        client_cpu=client_cpu,
+    )
+    try:
+        wrk = find_wrk(install=not args.no_install, out=out)
+        pinning = (
+            f"servers on CPU {server_cpu}, wrk on CPU {client_cpu}"
+            if server_cpu is not None
+            else "no CPU pinning (taskset or a second CPU missing)"
+        )
+        print(
+            f"overhead: {options.rounds} rounds x {options.duration:g}s, "
+            f"{options.connections} connections, {pinning}",
+            file=out,
+            flush=True,
+        )
+        results = measure(wrk, options, out)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        print(f"overhead: {exc}", file=sys.stderr)
+        return 2
+    print("\n" + markdown_table(results), file=out, flush=True)
+    if args.json is not None:
+        report = {
+            "rounds": options.rounds,
+            "duration_s": options.duration,
+            "connections": options.connections,
+            "pinned": server_cpu is not None,
+            "results": [r.summary() for r in results],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    missed = [r for r in results if not r.met]
+    for r in missed:
+        print(
+            f"overhead: target missed: {r.loop} {r.path} median ratio {r.ratio.median:.3f} "
+            f"< {r.target:.2f}",
+            file=sys.stderr,
+        )
+    return 1 if missed and not args.no_targets else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
