@@ -1,0 +1,234 @@
+"""One bench run: server (unless --target), locust headless, /stats sampling, then the outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.bench import scenarios
+from app.bench.latency import RequestLog, read_phases
+from app.bench.plots import RunPlots
+from app.bench.progress import BenchProgress
+from app.bench.report import bench_report
+from app.bench.results import PROBE_NAME, ServerRun, build_result, write_json
+from app.bench.runner import (
+    LocustCommand,
+    ServerProcess,
+    auto_processes,
+    cpu_seconds,
+    raise_nofile_limit,
+    run_locust,
+)
+from app.bench.sampler import ServerSample, StatsSampler
+from app.loops import LoopName
+
+SAMPLES_ENV = "LOOP_LAB_SAMPLES_DIR"  # read by loadtest/looplab_users.py
+LOCUST_GRACE_S = 180.0  # startup, stopping 10k users, writing reports
+
+
+class BenchError(RuntimeError):
+    """The run could not be carried out (server or locust failed); the message says where."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scenario: str
+    out: Path
+    loop: LoopName = "asyncio"
+    users: int = 1000
+    spawn_rate: float | None = None  # None: ramp up over min(10 s, a quarter of the run)
+    duration_s: int = 60
+    delay_s: float = 1.0
+    block_s: float = 0.2
+    blockers: int = 2
+    target: str | None = None
+    max_failures: int | None = None
+    processes: int | None = None  # locust processes; None: by user count
+    progress: bool = True
+    command: tuple[str, ...] = ()
+    sample_interval_s: float = 1.0
+
+    def ramp_rate(self) -> float:
+        if self.spawn_rate is not None:
+            return self.spawn_rate
+        return max(1.0, math.ceil(self.users / min(10.0, max(1.0, self.duration_s / 4))))
+
+    def locust_processes(self) -> int:
+        return self.processes if self.processes is not None else auto_processes(self.users)
+
+    def scenario_args(self) -> list[str]:
+        return [
+            "--delay",
+            f"{self.delay_s:g}",
+            "--block",
+            f"{self.block_s:g}",
+            "--blockers",
+            str(self.blockers),
+        ]
+
+
+@dataclass(frozen=True)
+class BenchOutcome:
+    result: dict[str, Any]
+    out: Path
+    exit_code: int
+    message: str
+
+
+def _prepare_out(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    samples = out / "samples"
+    samples.mkdir(exist_ok=True)
+    # the sample log appends: a reused directory must not mix in an earlier run
+    for stale in [*samples.glob("samples-*.tsv"), samples / "phases.tsv"]:
+        stale.unlink(missing_ok=True)
+    return samples
+
+
+async def run_bench(config: BenchConfig) -> BenchOutcome:
+    locustfile = scenarios.locustfile(config.scenario)
+    samples_dir = _prepare_out(config.out)
+    raise_nofile_limit()
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
+    server: ServerProcess | None = None
+    title = f"{config.scenario} · {config.users:,} users"
+    with BenchProgress(title, config.duration_s, enabled=config.progress) as progress:
+        try:
+            if config.target is None:
+                server = ServerProcess(
+                    config.loop,
+                    config.out / "server.log",
+                    max_delay=max(60.0, 2 * config.delay_s, 2 * config.block_s),
+                )
+                progress.status(f"starting a {config.loop} server")
+                url = await server.start()
+            else:
+                url = config.target.rstrip("/")
+            async with StatsSampler(url, config.sample_interval_s) as sampler:
+                baseline = await sampler.sample()
+                sampler.samples.clear()
+                sampler.on_sample = progress.on_sample
+                cpu_before = cpu_seconds(server.pid) if server and server.pid else None
+                processes = config.locust_processes()
+                command = LocustCommand(
+                    locustfile=locustfile,
+                    target=url,
+                    users=config.users,
+                    spawn_rate=config.ramp_rate(),
+                    duration_s=config.duration_s,
+                    out_dir=config.out,
+                    processes=processes,
+                    scenario_args=config.scenario_args(),
+                )
+                env = {**os.environ, SAMPLES_ENV: str(samples_dir), "PYTHONUNBUFFERED": "1"}
+                progress.status(f"locust: {processes} process(es), ramping up")
+                progress.load_started()
+                sampler.start()
+                locust = await run_locust(
+                    command,
+                    env,
+                    config.out / "locust.log",
+                    limit_s=config.duration_s + LOCUST_GRACE_S,
+                )
+                await sampler.stop()
+                await sampler.sample()  # the final counters, after the last request
+                cpu_after = cpu_seconds(server.pid) if server and server.pid else None
+                during = list(sampler.samples)
+        finally:
+            if server is not None:
+                await server.stop()
+        progress.status("writing results")
+    log = RequestLog.read(samples_dir)
+    if not len(log):
+        raise BenchError(f"locust recorded no requests; see {config.out / 'locust.log'}")
+    phases = read_phases(samples_dir)
+    cpu_s = None
+    if cpu_before is not None and cpu_after is not None:
+        cpu_s = cpu_after - cpu_before
+    params: dict[str, Any] = {
+        "scenario": config.scenario,
+        "users": config.users,
+        "duration_s": config.duration_s,
+        "delay_s": config.delay_s,
+        "block_s": config.block_s,
+        "blockers": config.blockers,
+        "spawn_rate": config.ramp_rate(),
+        "requested_loop": config.loop if config.target is None else None,
+        "target": config.target,
+        "started_at": started_at,
+        "loadavg_1m_before": round(load_before, 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "command": list(config.command),
+        "locust_command": command.argv(0 if processes > 1 else None),
+    }
+    result = build_result(
+        params=params,
+        log=log,
+        server=ServerRun(
+            baseline, during, fresh=server is not None, cpu_s=cpu_s, load_end=log.span()[1]
+        ),
+        phases=phases,
+        load_generator={
+            "cpu_warning": locust.cpu_warning,
+            "cpu_warning_lines": list(locust.cpu_warning_lines),
+            "processes": processes,
+            "cpu_s": round(locust.cpu_s, 2),
+            # average over the run; a worker pinned near 100% is the bottleneck even unwarned
+            "cpu_percent_per_process": round(100 * locust.cpu_s / locust.wall_s / processes, 1),
+            "exit_code": locust.exit_code,
+            "sampler_errors": sampler.errors,
+        },
+    )
+    write_outputs(config, result, log, [baseline, *during], phases)
+    exit_code, message = 0, "ok"
+    if config.max_failures is not None and result["failures"] > config.max_failures:
+        exit_code = 1
+        message = f"{result['failures']:,} failures > --max-failures {config.max_failures:,}"
+    elif locust.exit_code not in (0, 1):
+        exit_code = 3
+        message = f"locust exited with {locust.exit_code}; see {config.out / 'locust.log'}"
+    return BenchOutcome(result, config.out, exit_code, message)
+
+
+def write_outputs(
+    config: BenchConfig,
+    result: dict[str, Any],
+    log: RequestLog,
+    samples: list[ServerSample],
+    phases: list[tuple[float, str]],
+) -> None:
+    """result.json, report.md, the raw /stats samples and the plots."""
+    write_json(config.out / "result.json", result)
+    with open(config.out / "server_stats.jsonl", "w", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps({"t": s.t, **s.stats}) + "\n")
+    (config.out / "report.md").write_text(bench_report(result), encoding="utf-8")
+    title = f"{config.scenario} on {result['loop']}, {config.users:,} users"
+    with contextlib.suppress(ValueError):  # an empty series must not lose the numbers above
+        RunPlots(log, samples[1:], phases, title).write(config.out)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    server = result["server"]
+    lag = server["lag_ms"]
+    line = (
+        f"{result['scenario']} on {result['loop']}: {result['requests']:,} requests, "
+        f"{result['failures']:,} failures, {result['rps']:,.1f} rps, "
+        f"p50 {result['latency_ms']['p50']:,.1f} ms, p99 {result['latency_ms']['p99']:,.1f} ms; "
+        f"peak {server['peak_open_connections']:,} open connections, "
+        f"{server['accepted_connections']:,} accepted; loop lag p99 "
+        f"{'-' if lag['p99'] is None else format(lag['p99'], ',.1f')} ms"
+    )
+    probe = result["by_name"].get(PROBE_NAME)
+    if probe:
+        line += f"; probe p99 {probe['p99']:,.1f} ms"
+    if result["load_generator"]["cpu_warning"]:
+        line += " [locust CPU warning: load generator was a bottleneck]"
+    return line

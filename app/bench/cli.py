@@ -1,0 +1,229 @@
+"""The `bench` and `compare` subcommands of `loop-lab`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+from urllib.parse import urlsplit
+
+from app.bench.scenarios import SCENARIOS, ScenarioError
+from app.loops import LOOP_NAMES, LoopName
+
+if TYPE_CHECKING:
+    from app.bench.bench import BenchConfig
+
+MAX_USERS = 50_000
+MAX_DURATION_S = 3600
+
+
+def _bounded(kind: Callable[[str], float], lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be in {lo:g}..{hi:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    parse = _bounded(int, lo, hi)
+    return lambda text: int(parse(text))
+
+
+def _url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"must be an http(s)://host:port URL, got {text!r}")
+    return text.rstrip("/")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    parse = _int(1, MAX_USERS)
+    try:
+        levels = tuple(parse(part) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--sweep: {exc}") from None
+    if not levels:
+        raise argparse.ArgumentTypeError("--sweep needs user counts, e.g. 100,1000,5000,10000")
+    return tuple(sorted(set(levels)))
+
+
+def _add_load_options(parser: argparse.ArgumentParser, *, users: int, duration: int) -> None:
+    parser.add_argument(
+        "--users",
+        type=_int(1, MAX_USERS),
+        default=users,
+        help=f"concurrent users (default {users})",
+    )
+    parser.add_argument(
+        "--spawn-rate",
+        type=_bounded(float, 0.1, 10_000),
+        default=None,
+        help="users started per second (default: ramp up over min(10 s, a quarter of the run))",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_int(1, MAX_DURATION_S),
+        default=duration,
+        help=f"seconds of load (default {duration})",
+    )
+    parser.add_argument(
+        "--delay",
+        type=_bounded(float, 0, 600),
+        default=1.0,
+        help="seconds each /await request waits on the server (default 1)",
+    )
+    parser.add_argument(
+        "--block",
+        type=_bounded(float, 0, 60),
+        default=0.2,
+        help="seconds each /block or /offload request holds (default 0.2)",
+    )
+    parser.add_argument(
+        "--blockers",
+        type=_int(0, 1000),
+        default=2,
+        help="users sending /block or /offload, or /cpu per way in the cpu scenario (default 2)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=_int(1, 64),
+        default=None,
+        help="locust processes (default: 1 up to 2,000 users, then one per 5,000, up to the cores)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no live progress display on stderr"
+    )
+
+
+def _bench_config(args: argparse.Namespace, out: Path, loop: LoopName) -> BenchConfig:
+    from app.bench.bench import BenchConfig  # heavy (matplotlib, rich): only when running
+
+    return BenchConfig(
+        scenario=args.scenario,
+        out=out,
+        loop=loop,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        duration_s=args.duration,
+        delay_s=args.delay,
+        block_s=args.block,
+        blockers=args.blockers,
+        target=getattr(args, "target", None),
+        max_failures=getattr(args, "max_failures", None),
+        processes=args.processes,
+        progress=not args.no_progress,
+        command=tuple(["loop-lab", *sys.argv[1:]]),
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from app.bench.bench import BenchError, run_bench, summary_line
+    from app.bench.runner import ProcessError
+
+    loop = cast(LoopName, args.loop)
+    out = args.out or Path("results") / f"bench-{args.scenario}-{loop}-{args.users}"
+    config = _bench_config(args, Path(out), loop)
+    try:
+        outcome = asyncio.run(run_bench(config))
+    except (ScenarioError, ProcessError, BenchError) as exc:
+        print(f"loop-lab bench: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("loop-lab bench: interrupted", file=sys.stderr)
+        return 130
+    print(summary_line(outcome.result))
+    print(f"results in {outcome.out}/ (report.md, result.json, *.png, locust.html)")
+    if outcome.exit_code:
+        print(f"loop-lab bench: {outcome.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from app.bench.bench import BenchError
+    from app.bench.compare import CompareConfig, run_compare
+    from app.bench.runner import ProcessError
+
+    if (args.asyncio_url is None) != (args.uvloop_url is None):
+        print(
+            "loop-lab compare: give both --asyncio-url and --uvloop-url, or neither",
+            file=sys.stderr,
+        )
+        return 2
+    urls: dict[LoopName, str] | None = None
+    if args.asyncio_url is not None:
+        urls = {"asyncio": args.asyncio_url, "uvloop": args.uvloop_url}
+    out = Path(args.out or Path("results") / f"compare-{args.scenario}")
+    base = _bench_config(args, out, "asyncio")
+    config = CompareConfig(base=base, rounds=args.rounds, urls=urls, sweep=args.sweep or ())
+    try:
+        outcome = asyncio.run(
+            run_compare(config, ["loop-lab", *sys.argv[1:]], lambda s: print(s, flush=True))
+        )
+    except (ScenarioError, ProcessError, BenchError) as exc:
+        print(f"loop-lab compare: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("loop-lab compare: interrupted", file=sys.stderr)
+        return 130
+    data = outcome.data
+    for key, r in data["ratio"].items():
+        print(
+            f"uvloop/asyncio {key}: median {r['median']:.3f} "
+            f"(min {r['min']:.3f}, max {r['max']:.3f}, spread {r['spread']:.3f})"
+        )
+    for note in data["notes"]:
+        print(f"note: {note}")
+    print(f"results in {out}/ (compare.md, compare.json, compare.png)")
+    return outcome.exit_code
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `bench` and `compare` to the `loop-lab` command."""
+    scenario_help = "; ".join(f"{name}: {text}" for name, text in SCENARIOS.items())
+    bench = commands.add_parser(
+        "bench",
+        help="run a locust scenario against a server and report",
+        description="Start a server (unless --target), run a locust scenario headless, sample "
+        "the server's /stats, and write result.json, report.md, plots and locust's reports. "
+        f"Scenarios: {scenario_help}.",
+    )
+    bench.add_argument("scenario", choices=list(SCENARIOS), metavar="SCENARIO")
+    bench.add_argument("--loop", choices=LOOP_NAMES, default="asyncio", help="server loop")
+    _add_load_options(bench, users=1000, duration=60)
+    bench.add_argument("--target", type=_url, help="bench this running server instead")
+    bench.add_argument("--out", type=Path, help="output directory (default results/bench-...)")
+    bench.add_argument(
+        "--max-failures",
+        type=_int(0, 10**12),
+        default=None,
+        help="exit with 1 when more requests than this fail (default: no limit)",
+    )
+    bench.set_defaults(func=_bench)
+
+    compare = commands.add_parser(
+        "compare",
+        help="the same scenario on asyncio and uvloop, alternating rounds",
+        description="Run one scenario against an asyncio and a uvloop server in alternating "
+        "rounds; write compare.json, compare.md and plots. --sweep draws the scaling curve.",
+    )
+    compare.add_argument("--scenario", choices=list(SCENARIOS), default="multiplex")
+    compare.add_argument("--rounds", type=_int(1, 50), default=3, help="rounds (default 3)")
+    _add_load_options(compare, users=1000, duration=30)
+    compare.add_argument("--asyncio-url", type=_url, help="running asyncio server to use")
+    compare.add_argument("--uvloop-url", type=_url, help="running uvloop server to use")
+    compare.add_argument("--out", type=Path, help="output directory (default results/compare-...)")
+    compare.add_argument(
+        "--sweep",
+        type=_levels,
+        help="user counts, e.g. 100,1000,5000,10000: rounds at each, plus a scaling plot",
+    )
+    compare.set_defaults(func=_compare)

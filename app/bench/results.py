@@ -1,0 +1,220 @@
+"""result.json: one bench run's numbers, from the client's request log and the server's samples."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.bench.latency import LatencySummary, Request, RequestLog
+from app.bench.sampler import LagHistogram, ServerSample, lag_over
+
+PROBE_NAME = "/healthz (probe)"  # the name loadtest/looplab_users.py reports the probe under
+
+
+def _r(value: float, digits: int = 3) -> float:
+    return round(value, digits)
+
+
+def lag_block(histogram: LagHistogram | None, window_max_ms: float | None) -> dict[str, Any]:
+    """p50/p99 as Prometheus' histogram_quantile over the span, plus the exact bucket of the p99."""
+    if histogram is None or not histogram.count:
+        return {"p50": None, "p99": None, "max": window_max_ms, "mean": None, "samples": 0}
+    lo, hi = histogram.bucket_of(0.99)
+    top_lo, top_hi = histogram.bucket_of(1.0)
+    return {
+        "p50": _r(histogram.quantile_ms(0.50)),
+        "p99": _r(histogram.quantile_ms(0.99)),
+        "max": window_max_ms,
+        "mean": _r(histogram.mean_ms()),
+        "p99_bucket": [_r(1000 * lo), None if hi == float("inf") else _r(1000 * hi)],
+        "max_bucket": [_r(1000 * top_lo), None if top_hi == float("inf") else _r(1000 * top_hi)],
+        "samples": int(histogram.count),
+    }
+
+
+@dataclass(frozen=True)
+class ServerRun:
+    """What the bench saw of the server: a baseline before the load, then samples during it."""
+
+    baseline: ServerSample
+    during: Sequence[ServerSample]  # taken after locust started, the last one after it stopped
+    fresh: bool  # started by this bench (so its all-time peak belongs to this run)
+    cpu_s: float | None  # CPU the server process used during the load, if local
+    load_end: float  # epoch of the last completed request; later samples saw only the teardown
+
+    def under_load(self) -> list[ServerSample]:
+        return [s for s in self.during if s.t <= self.load_end]
+
+    def window_lag_ms(self, samples: Sequence[ServerSample], key: str) -> list[float]:
+        """The server's rolling-window lag figures, minus any still showing the pre-load window.
+
+        The first samples' windows reach back before the load (server startup); a figure equal
+        to the baseline's is that same pre-load sample, not something the load did.
+        """
+        stale = float(self.baseline.stats["lag_ms"][key])
+        window = float(self.baseline.stats.get("lag_window_s", 0.0))
+        return [
+            float(s.stats["lag_ms"][key])
+            for s in samples
+            if s.t - window >= self.baseline.t or float(s.stats["lag_ms"][key]) != stale
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        base, samples = self.baseline, list(self.during)
+        last = samples[-1] if samples else base
+        loaded = self.under_load()
+        window_max = self.window_lag_ms(loaded, "max")
+        window_p99 = self.window_lag_ms(loaded, "p99")
+        teardown = [s for s in samples if s.t > self.load_end]
+        if self.fresh:
+            peak_open = int(last.stats["connections"]["peak"])
+        else:
+            peak_open = max((s.open_connections for s in samples), default=0)
+        accepted = int(last.stats["connections"]["accepted_total"]) - int(
+            base.stats["connections"]["accepted_total"]
+        )
+        rss_peak = max([base.rss_mb, *(s.rss_mb for s in samples)])
+        if self.fresh:
+            rss_peak = max(rss_peak, float(last.stats.get("rss_mb_peak", rss_peak)))
+        requests = int(last.stats.get("requests_total", 0)) - int(
+            base.stats.get("requests_total", 0)
+        )
+        growth_kb = (rss_peak - base.rss_mb) * 1024.0
+        return {
+            "loop": last.stats["loop"],
+            "pid": last.stats["pid"],
+            "lag_ms": lag_block(lag_over([base, *loaded]), max(window_max, default=None)),
+            "lag_window_s": base.stats.get("lag_window_s"),
+            # users stopping at the end drop every connection at once; that is not the load
+            "teardown_lag_ms": lag_block(lag_over(loaded[-1:] + teardown), None),
+            "lag_window_p99_ms": {
+                "median": _r(statistics.median(window_p99)) if window_p99 else None,
+                "max": max(window_p99, default=None),
+            },
+            "peak_open_connections": peak_open,
+            "accepted_connections": accepted,
+            "rss_mb_baseline": base.rss_mb,
+            "rss_mb_peak": rss_peak,
+            "rss_kb_per_connection": _r(growth_kb / peak_open, 2) if peak_open else None,
+            "requests": requests,
+            "cpu_s": None if self.cpu_s is None else _r(self.cpu_s, 2),
+            "cpu_ms_per_request": _r(1000.0 * self.cpu_s / requests, 4)
+            if self.cpu_s is not None and requests
+            else None,
+            "samples": len(samples),
+        }
+
+
+def latency_block(summary: LatencySummary) -> dict[str, float]:
+    return {"p50": summary.p50, "p95": summary.p95, "p99": summary.p99, "max": summary.max}
+
+
+def phase_rows(
+    log: RequestLog, samples: Sequence[ServerSample], phases: Sequence[tuple[float, str]]
+) -> list[dict[str, Any]]:
+    """Per phase of a LoadTestShape: each request name's latency and the loop lag in that phase."""
+    rows = []
+    end_of_run = log.span()[1]
+    for i, (start, name) in enumerate(phases):
+        end = phases[i + 1][0] if i + 1 < len(phases) else end_of_run
+        inside: dict[str, list[Request]] = {}
+        for r in log.between(start, end):
+            inside.setdefault(r.name, []).append(r)
+        in_phase = [s for s in samples if start <= s.t <= end]
+        rows.append(
+            {
+                "phase": name,
+                "start": start,
+                "duration_s": _r(end - start, 1),
+                "by_name": {
+                    n: _name_block(LatencySummary.of(rs)) for n, rs in sorted(inside.items())
+                },
+                "lag_ms": lag_block(lag_over(in_phase), None),
+            }
+        )
+    return rows
+
+
+def _name_block(s: LatencySummary) -> dict[str, Any]:
+    return {
+        "requests": s.requests,
+        "failures": s.failures,
+        "p50": s.p50,
+        "p95": s.p95,
+        "p99": s.p99,
+        "max": s.max,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = None
+    with contextlib.suppress(ValueError, OSError):
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": mem_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def build_result(
+    *,
+    params: dict[str, Any],
+    log: RequestLog,
+    server: ServerRun,
+    phases: Sequence[tuple[float, str]],
+    load_generator: dict[str, Any],
+) -> dict[str, Any]:
+    overall = LatencySummary.of(log.requests)
+    start, end = log.span()
+    span = end - start
+    server_block = server.summary()
+    return {
+        "scenario": params["scenario"],
+        "loop": server_block.pop("loop"),
+        "users": params["users"],
+        "duration_s": params["duration_s"],
+        "delay_s": params["delay_s"],
+        "requests": overall.requests,
+        "failures": overall.failures,
+        "rps": _r(overall.requests / span, 2) if span > 0 else 0.0,
+        "latency_ms": latency_block(overall),
+        "by_name": {name: _name_block(LatencySummary.of(rs)) for name, rs in log.by_name().items()},
+        "server": server_block,
+        "load_generator": load_generator,
+        "phases": phase_rows(log, [server.baseline, *server.during], phases),
+        "params": params,
+        "span_s": _r(span, 2),
+        "machine": machine(),
+    }
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> float:
+    """max/min of positive values: 1.0 means identical, 1.1 means a 10% spread."""
+    return max(values) / min(values) if values and min(values) > 0 else float("nan")
