@@ -1,0 +1,70 @@
+"""Request instrumentation: every route metered, 404/405 counted, histograms consistent."""
+
+from __future__ import annotations
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.events import events_handler
+from app.keys import MONITOR
+from tests.servers import ServerThread
+
+
+async def test_every_route_but_streams_is_metered(server: ServerThread) -> None:
+    """After startup each route's handler is wrapped; the /events stream is left alone."""
+    assert server.server is not None
+    app = server.server.app
+    records = app[MONITOR].routes.by_route
+    for route in app.router.routes():
+        canonical = route.resource.canonical if route.resource is not None else ""
+        if canonical == "/events":
+            assert route.handler is events_handler
+        else:
+            assert getattr(route.handler, "__name__", "") == "metered", canonical
+            assert canonical in records
+
+
+async def test_unmatched_requests_and_histograms(server: ServerThread) -> None:
+    """404 and 405 go to route "unmatched"; each histogram's +Inf bucket equals its count."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(f"{server.url}/healthz") as response:
+                assert response.status == 200
+        async with session.get(f"{server.url}/no-such-page") as response:
+            assert response.status == 404
+        async with session.post(f"{server.url}/healthz") as response:
+            assert response.status == 405
+        async with session.get(f"{server.url}/await?delay=-1") as response:
+            assert response.status == 400
+        async with session.get(f"{server.url}/stats") as response:
+            routes = (await response.json())["routes"]
+        async with session.get(f"{server.url}/metrics") as response:
+            text = await response.text()
+    assert routes["unmatched"]["count"] == 2
+    assert routes["/healthz"]["count"] == 3
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["looplab_requests"].samples
+        if s.name == "looplab_requests_total"
+    }
+    assert requests[("unmatched", "404")] == 1
+    assert requests[("unmatched", "405")] == 1
+    assert requests[("/healthz", "200")] == 3
+    assert requests[("/await", "400")] == 1
+    for name in ("looplab_request_duration_seconds", "looplab_handler_step_seconds"):
+        samples = families[name].samples
+        count = {s.labels["route"]: s.value for s in samples if s.name == f"{name}_count"}
+        inf = {
+            s.labels["route"]: s.value
+            for s in samples
+            if s.name == f"{name}_bucket" and s.labels["le"] == "+Inf"
+        }
+        assert count == inf
+        assert count["/healthz"] == 3
+        buckets = [
+            s.value
+            for s in samples
+            if s.name == f"{name}_bucket" and s.labels["route"] == "/healthz"
+        ]
+        assert buckets == sorted(buckets)  # cumulative
