@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.application import create_app
+from app.config import Settings
 from app.events import events_handler
 from app.keys import MONITOR
+from app.monitor.steps import current_max_step_ms
 from tests.servers import ServerThread
 
 
@@ -68,3 +74,32 @@ async def test_unmatched_requests_and_histograms(server: ServerThread) -> None:
             if s.name == f"{name}_bucket" and s.labels["route"] == "/healthz"
         ]
         assert buckets == sorted(buckets)  # cumulative
+
+
+class _View(web.View):
+    async def get(self) -> web.Response:
+        await asyncio.sleep(0)
+        return web.json_response({"max_step_ms": current_max_step_ms()})
+
+
+async def test_class_based_views_are_metered() -> None:
+    """A web.View route is driven step by step and counted like a function handler."""
+    app = create_app(Settings(port=0, process_workers=1, thread_workers=1))
+    app.router.add_view("/view", _View)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/view") as response,
+        ):
+            assert response.status == 200
+            body = await response.json()
+        assert 0 < body["max_step_ms"] < 1000
+        routes = app[MONITOR].routes.as_dict()
+        assert routes["/view"]["count"] == 1
+    finally:
+        await runner.cleanup()

@@ -6,10 +6,10 @@ a handler that calls `time.sleep(0.2)` shows one 200 ms step while one that awai
 microsecond steps. It works the same on asyncio and uvloop because both drive coroutines through
 asyncio.Task, which only sees the futures we pass through untouched.
 
-This runs on every request, so it is written for the hot path (see docs/benchmarks.md,
-"Instrumentation overhead"): a plain generator instead of an awaitable object plus an `async def`
-around it, and the first step's start doubles as the handler's start, so a one-step handler
-costs two clock reads in all.
+Every request is driven this way, so the stepping is kept cheap (docs/benchmarks.md,
+"Instrumentation overhead"): a plain generator, per-step state in locals, two clock reads per
+step. The request path runs the same loop inlined with its accounting in app.monitor.middleware;
+`stepped()` here profiles any coroutine.
 """
 
 from __future__ import annotations
@@ -26,19 +26,13 @@ T = TypeVar("T")
 class StepRecord:
     """Timing of one request's synchronous stretches (perf_counter seconds)."""
 
-    __slots__ = ("ended", "max_step", "started", "step_started", "steps")
+    __slots__ = ("max_step", "started", "step_started", "steps")
 
     def __init__(self) -> None:
         self.max_step = 0.0
         self.step_started = 0.0  # start of the step running now; 0.0 between steps
         self.steps = 0
         self.started = 0.0  # start of the first step
-        self.ended = 0.0  # end of the last step
-
-    @property
-    def elapsed(self) -> float:
-        """Wall time from the first step's start to the last step's end."""
-        return self.ended - self.started
 
     def max_step_so_far(self) -> float:
         """Longest step including the one running now (a handler asks while still in a step)."""
@@ -60,8 +54,8 @@ def drive_steps(
     Whatever the coroutine yields (futures) goes up to the Task untouched; whatever the Task sends
     or throws (results, cancellation) goes down into the coroutine.
     """
-    # every request runs this loop: locals, not attributes, except what a handler may read
-    # mid-step through `current_steps` (the running step's start, the longest step so far)
+    # locals, not attributes, except what a handler may read mid-step through `current_steps`
+    # (the running step's start, the longest step so far)
     send = coro.send
     send_value: Any = None
     error: BaseException | None = None
@@ -98,7 +92,7 @@ def drive_steps(
 
 
 def _end_last_step(record: StepRecord, started: float, steps: int) -> None:
-    record.ended = ended = perf_counter()
+    ended = perf_counter()
     record.step_started = 0.0
     record.steps = steps + 1
     if ended - started > record.max_step:
