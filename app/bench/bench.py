@@ -16,7 +16,7 @@ from app.bench.latency import RequestLog, read_phases
 from app.bench.plots import RunPlots
 from app.bench.progress import BenchProgress
 from app.bench.report import bench_report
-from app.bench.results import PROBE_NAME, ServerRun, build_result, write_json
+from app.bench.results import PROBE_NAME, ServerRun, build_result, source_version, write_json
 from app.bench.runner import (
     LocustCommand,
     ServerProcess,
@@ -163,6 +163,7 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
         "requested_loop": config.loop if config.target is None else None,
         "target": config.target,
         "started_at": started_at,
+        "source": source_version(),
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "command": list(config.command),

@@ -18,7 +18,7 @@ from typing import Any
 from app.bench.bench import BenchConfig, BenchOutcome, run_bench, summary_line
 from app.bench.plots import compare_plot, sweep_plot
 from app.bench.report import compare_report
-from app.bench.results import machine, median, spread, write_json
+from app.bench.results import machine, median, source_version, spread, write_json
 from app.loops import LOOP_NAMES, LoopName
 
 SPREAD_LIMIT = 1.10  # paired ratios that disagree by more than 10% are flagged
@@ -162,6 +162,7 @@ async def run_compare(
         "ratio": headline["ratio"],
         "notes": headline["notes"],
         "started_at": started_at,
+        "source": source_version(),
         "command": list(command),
         "machine": machine(),
     }

@@ -70,7 +70,7 @@ def bench_report(result: dict[str, Any]) -> str:
         "",
         f"{params.get('started_at', '')} on {machine_line(result['machine'])}; 1-minute load "
         f"average {params.get('loadavg_1m_before', '?')} before, "
-        f"{params.get('loadavg_1m_after', '?')} after.",
+        f"{params.get('loadavg_1m_after', '?')} after; source {params.get('source') or '?'}.",
         "",
         "```",
         shlex.join(params.get("command", [])),
@@ -149,7 +149,8 @@ def compare_report(data: dict[str, Any], command: Sequence[str]) -> str:
     lines = [
         f"# loop-lab compare: {data['scenario']}, asyncio vs uvloop",
         "",
-        f"{data['started_at']} on {machine_line(data['machine'])}. "
+        f"{data['started_at']} on {machine_line(data['machine'])}; source "
+        f"{data.get('source') or '?'}. "
         f"{len(data['rounds']) // 2} rounds, alternating which loop goes first; each run has "
         f"{data['users']:,} users for {data['duration_s']} s.",
         "",

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,29 @@ def _name_block(s: LatencySummary) -> dict[str, Any]:
         "p99": s.p99,
         "max": s.max,
     }
+
+
+def source_version() -> str | None:
+    """The git commit the server and scenarios ran from, "+dirty" if app/ or loadtest/ differ."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "app", "loadtest"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if changed else "")
 
 
 def machine() -> dict[str, Any]:
