@@ -5,8 +5,12 @@
 # Both install the project with pip from pyproject.toml, as the Makefile does. Dependencies go in a
 # layer of their own before the code is copied, so editing app/ rebuilds only a small layer.
 # tests/test_compose.py runs these RUN, CMD and HEALTHCHECK commands outside Docker (no engine there).
+# The build stages run on the full image of the same Python, which has gcc and the headers: `pip
+# install .` compiles the step profiler's optional C extension (app/monitor/_stepdriver.c) there.
+# The runtime stages stay slim, without a compiler, and copy the built venv.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG BUILD_IMAGE=python:3.11-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,7 +22,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # ---- build stages: everything lands in the venv /opt/venv, which the runtime stages copy whole
 
-FROM base AS deps
+FROM ${BUILD_IMAGE} AS build-base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+FROM build-base AS deps
 WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml deploy/docker/requirements.py ./

@@ -14,6 +14,7 @@ from app import (
     dashboard,
     events,
     gathering,
+    gctune,
     health,
     index,
     offload,
@@ -73,4 +74,5 @@ def create_app(settings: Settings | None = None) -> web.Application:
     ):
         app.add_routes(module.routes)
     events.setup(app)  # /events and its broadcaster, started after the monitor and executors
+    gctune.setup(app)  # --gc, applied last at startup; collections timed
     return app

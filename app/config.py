@@ -6,11 +6,15 @@ import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from app.loops import LOOP_NAMES, LoopName
 
 ENV_PREFIX = "LOOP_LAB_"
+
+# how the server runs CPython's garbage collector (app.gctune)
+GcMode = Literal["default", "tuned", "off"]
+GC_MODES: tuple[GcMode, ...] = get_args(GcMode)
 
 
 class SettingError(ValueError):
@@ -40,6 +44,7 @@ class Settings:
     max_connections: int = 0  # 0: derived from the fd limit at start
     max_body_size: int = 65_536
     disable_blocking: bool = False
+    gc: GcMode = "tuned"
 
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
@@ -83,6 +88,13 @@ def _loop(text: str) -> LoopName:
     return "uvloop" if text == "uvloop" else "asyncio"
 
 
+def _gc(text: str) -> GcMode:
+    for mode in GC_MODES:
+        if text.strip() == mode:
+            return mode
+    raise ValueError(f"must be one of {', '.join(GC_MODES)}, got {text!r}")
+
+
 def _host(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -108,6 +120,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_connections": _int(0, 10_000_000),
     "max_body_size": _int(1, 1 << 30),
     "disable_blocking": _bool,
+    "gc": _gc,
 }
 
 _HELP: dict[str, str] = {
@@ -131,6 +144,8 @@ _HELP: dict[str, str] = {
     "max_connections": "open connections before new ones get 503 (0 = fd limit minus a reserve)",
     "max_body_size": "largest request body in bytes; a larger Content-Length gets 413",
     "disable_blocking": "answer /block and /cpu with 403 (for shared deployments)",
+    "gc": "garbage collector: tuned (startup objects frozen, small young collections, full "
+    "collections 100x rarer), default (CPython as shipped) or off",
 }
 
 

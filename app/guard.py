@@ -3,7 +3,7 @@
 aiohttp bounds idle keep-alive connections (`keepalive_timeout`) and header sizes, but has no
 header-read timeout: a client that sends half a request line, or one header byte a second, keeps
 its connection (and a file descriptor) until the keep-alive timer finally fires. So every
-connection goes through a thin protocol wrapped around aiohttp's own `RequestHandler`:
+connection is served by `GuardedConnection`, a subclass of aiohttp's own `RequestHandler`:
 
 - header-read timeout: from connect, or from the first byte of a later request, the request line
   and headers must be complete within `--header-timeout`, or the server answers 408 (if anything
@@ -14,6 +14,18 @@ connection goes through a thin protocol wrapped around aiohttp's own `RequestHan
 - no tracebacks: an unexpected exception is logged and answered with a bare JSON 500, whatever
   aiohttp's debug mode says (it would put the traceback in the response); requests too malformed
   to parse get aiohttp's 400 without a traceback in the log; CONNECT gets 405, not 404.
+- no version banner: responses say `Server: loop-lab`, not aiohttp's `Python/3.x aiohttp/3.x`.
+
+Cost. All of this sits off the per-request path of an ordinary GET (measured in
+docs/reliability.md, "What the guard costs"): the subclass is the protocol itself, so data is not
+forwarded through a wrapper; the head timer is armed only while a request head is incomplete
+(a request that arrives in one read never arms it); the 413/405 screening wraps requests only on a
+connection that has sent a request with a body (GET /healthz never has one); the JSON 500 lives in
+aiohttp's error path (`handle_error`); the Server header is aiohttp's own default, renamed.
+
+That needs private parts of aiohttp 3.14's `RequestHandler` and `Server` (`HANDLER_SLOTS`,
+`SERVER_ATTRIBUTES`). `check_aiohttp_internals()` runs when a guard is built and stops the server
+with a clear error if an aiohttp upgrade removed one; tests/test_guard.py pins their behaviour.
 """
 
 from __future__ import annotations
@@ -22,35 +34,70 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
+import aiohttp.web_response
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_request import BaseRequest
 
 from app.monitor.accept import AcceptMonitor
 
 log = logging.getLogger("loop_lab.guard")
 
+SERVER_NAME = "loop-lab"
 # A timer that fires this late means the loop was busy (a /block), not that the client was slow:
 # grant one more short round so bytes that arrived meanwhile are read before judging.
 LATE_S = 0.25
 SECOND_CHANCE_S = 1.0
 REFUSE_LINGER_S = 2.0  # a refused client gets this long to read its 503 before the close
 
+# The private aiohttp names the guard relies on; an aiohttp upgrade that drops one must fail loudly.
+# RequestHandler: per-connection state GuardedConnection reads (and `_request_handler`, which
+# start() reads again for every request, it sets); Server: what Server.__call__ builds a handler
+# with; web_response: the default Server header that StreamResponse._prepare_headers sends.
+HANDLER_SLOTS = ("_request_count", "_messages", "_request_in_progress", "_request_handler")
+SERVER_ATTRIBUTES = ("_kwargs", "_loop")
+
+
+def check_aiohttp_internals(server: web.Server) -> None:
+    """Raise RuntimeError naming what is missing if this aiohttp lacks what the guard uses."""
+    slots = set(web.RequestHandler.__slots__)
+    missing = [f"RequestHandler.{name}" for name in HANDLER_SLOTS if name not in slots]
+    missing += [f"Server.{name}" for name in SERVER_ATTRIBUTES if not hasattr(server, name)]
+    if not isinstance(getattr(aiohttp.web_response, "SERVER_SOFTWARE", None), str):
+        missing.append("web_response.SERVER_SOFTWARE")
+    if missing:
+        raise RuntimeError(
+            f"aiohttp {aiohttp.__version__} lacks what app/guard.py relies on "
+            f"({', '.join(missing)}); the connection guard must be updated for it"
+        )
+
+
+def hide_server_version() -> None:
+    """Answer `Server: loop-lab` instead of aiohttp's exact Python and aiohttp versions.
+
+    aiohttp sets the header with `headers.setdefault(SERVER, SERVER_SOFTWARE)` on every response;
+    renaming that module default costs nothing per request (a signal would cost a coroutine).
+    Process-wide: every aiohttp server in this process answers with it.
+    """
+    aiohttp.web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
+
 
 def _raw_response(status: str, body: dict[str, object], extra: str = "") -> bytes:
     payload = json.dumps(body).encode()
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n{extra}Connection: close\r\n\r\n"
+        f"Content-Length: {len(payload)}\r\nServer: {SERVER_NAME}\r\n{extra}"
+        "Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + payload
 
 
 class ConnectionGuard:
-    """Per-server limits and the two hooks into aiohttp: the protocol factory and the handler."""
+    """Per-server limits and the protocol factory handed to `loop.create_server`."""
 
     def __init__(
         self,
@@ -63,6 +110,7 @@ class ConnectionGuard:
         max_body_size: int,
         linger_slots: int = 64,
     ) -> None:
+        check_aiohttp_internals(server)
         self.server = server
         self.accept = accept
         self.open_connections = open_connections
@@ -72,10 +120,10 @@ class ConnectionGuard:
         self.linger_slots = linger_slots
         self.lingering = 0
         self.loop = asyncio.get_running_loop()
+        # what Server.__call__ builds a RequestHandler with: the runner's settings
+        self.handler_kwargs: dict[str, Any] = dict(server._kwargs)
         quiet_client_errors()
-        self._app_handler = server.request_handler
-        # RequestHandler copies this attribute when it is built: install before the first connection
-        server.request_handler = self.handle
+        hide_server_version()
         self.refusal = _raw_response(
             "503 Service Unavailable",
             {
@@ -95,161 +143,181 @@ class ConnectionGuard:
         )
 
     def protocol(self) -> GuardedConnection:
-        """The protocol factory handed to `loop.create_server`."""
+        """The protocol for one new connection (it hands a connection past the cap over to
+        RefusedConnection: asyncio's accept loop builds protocols for a whole burst of accepted
+        sockets before any of them is counted open, so the cap is judged at connection_made)."""
         return GuardedConnection(self)
 
-    async def handle(self, request: BaseRequest) -> web.StreamResponse:
-        """Wraps the app: marks the request head complete, bounds the body, hides tracebacks."""
-        transport = request.transport
-        conn = transport.get_protocol() if transport is not None else None
-        if not isinstance(conn, GuardedConnection):
-            conn = None
-        if conn is not None:
-            conn.request_started()
-        try:
-            if request.method == "CONNECT":  # a proxy verb; without this its target 404s
-                body = {"error": "CONNECT is not served here", "param": "method", "allowed": "GET"}
-                return web.json_response(body, status=405, headers={"Allow": "GET, HEAD"})
-            length = request.content_length
-            if length is not None and length > self.max_body_size:
-                body = {
-                    "error": f"request body of {length} bytes is too large",
-                    "param": "Content-Length",
-                    "allowed": f"at most {self.max_body_size} bytes (--max-body-size)",
-                }
-                return web.json_response(body, status=413)
-            return await self._app_handler(request)
-        except (web.HTTPException, OSError, asyncio.CancelledError):
-            raise  # aiohttp turns these into responses, closes, or logs a client disconnect
-        except Exception:
-            log.exception("unhandled error in %s %s", request.method, request.path)
-            response = web.json_response({"error": "internal server error"}, status=500)
-            response.force_close()
-            return response
-        finally:
-            if conn is not None:
-                conn.request_finished()
+    def rejection(self, request: BaseRequest) -> web.Response | None:
+        """The 405/413 answer for a request that must not reach the app, else None."""
+        if request.method == "CONNECT":  # a proxy verb; without this its target 404s
+            body = {"error": "CONNECT is not served here", "param": "method", "allowed": "GET"}
+            return web.json_response(body, status=405, headers={"Allow": "GET, HEAD"})
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            body = {
+                "error": f"request body of {length} bytes is too large",
+                "param": "Content-Length",
+                "allowed": f"at most {self.max_body_size} bytes (--max-body-size)",
+            }
+            return web.json_response(body, status=413)
+        return None
 
 
-class GuardedConnection(asyncio.Protocol):
-    """One client connection: forwards everything to aiohttp's RequestHandler, times the head."""
+_feed = web.RequestHandler.data_received
 
-    __slots__ = (
-        "_active",
-        "_deadline",
-        "_guard",
-        "_inner",
-        "_late_granted",
-        "_lingering",
-        "_received",
-        "_timer",
-        "_transport",
-    )
+
+class GuardedConnection(web.RequestHandler):
+    """aiohttp's RequestHandler for one connection, plus the head timer and the screening."""
+
+    __slots__ = ("_app_handler", "_armed_count", "_deadline", "_guard", "_head_bytes", "_timer")
 
     def __init__(self, guard: ConnectionGuard) -> None:
+        super().__init__(guard.server, loop=guard.loop, **guard.handler_kwargs)
         self._guard = guard
-        self._inner: web.RequestHandler | None = None
-        self._transport: asyncio.Transport | None = None
+        app_handler = self._request_handler
+        assert app_handler is not None  # set from the Server in RequestHandler.__init__
+        self._app_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]] = app_handler
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
-        self._active = 0  # requests of this connection being handled
-        self._received = False  # bytes of an unfinished request head have arrived
-        self._late_granted = False
-        self._lingering = False  # a refused connection waiting for its client to close
-
-    # -- asyncio.Protocol, forwarded ------------------------------------------------------------
+        self._armed_count = 0  # request heads completed when the timer was armed
+        self._head_bytes = False  # bytes of the unfinished head have arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio subclass
-        self._transport = transport
         guard = self._guard
         open_now = guard.open_connections()
         if open_now >= guard.max_connections:
-            self._refuse(transport, open_now)
+            refused = RefusedConnection(guard, open_now)
+            transport.set_protocol(refused)  # this handler never serves; the refusal owns it now
+            refused.connection_made(transport)
             return
+        super().connection_made(transport)
         guard.accept.admitted()
-        inner = guard.server()  # aiohttp's RequestHandler, built with the runner's settings
-        self._inner = inner
-        inner.connection_made(transport)
         if guard.header_timeout > 0:
-            self._arm(guard.header_timeout)
+            self._arm(guard.header_timeout, head_bytes=False)
 
     def data_received(self, data: bytes) -> None:
-        inner = self._inner
-        if inner is None:
-            return  # a refused connection: discard what the client still sends
-        if self._active == 0:
-            self._received = True
-            if self._timer is None and self._guard.header_timeout > 0:
-                self._arm(self._guard.header_timeout)
-        inner.data_received(data)
+        heads = self._request_count
+        _feed(self, data)  # aiohttp parses; each complete request head adds to _request_count
+        if self._request_count != heads:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            new = self._request_count - heads
+            # one bodiless request (every GET here) is checked inline: no call on the hot path
+            if self._request_handler is self._app_handler and (
+                new > 1 or self._messages[-1][1] is not EMPTY_PAYLOAD
+            ):
+                self._screen_if_bodies(new)
+        elif self._timer is not None:
+            self._head_bytes = True
+        elif (
+            data
+            and not self._messages
+            and not self._request_in_progress
+            and self.transport is not None
+            and self._guard.header_timeout > 0
+        ):
+            # the first bytes of a new request, and its head is not complete yet
+            self._arm(self._guard.header_timeout, head_bytes=True)
 
-    def eof_received(self) -> bool | None:
-        if self._inner is not None:
-            self._inner.eof_received()  # aiohttp ignores EOF and lets the transport close
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        if self._lingering:
-            self._lingering = False
-            self._guard.lingering -= 1
-        self._transport = None
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
-
-    # -- the request head timer -----------------------------------------------------------------
-
-    def request_started(self) -> None:
-        self._active += 1
-        self._received = False
-        self._cancel_timer()
-
-    def request_finished(self) -> None:
-        self._active -= 1
-
-    def _arm(self, delay: float) -> None:
-        loop = self._guard.loop
-        self._late_granted = False
-        self._deadline = loop.time() + delay
-        self._timer = loop.call_at(self._deadline, self._expire)
-
-    def _cancel_timer(self) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        transport = self.transport
+        super().connection_lost(exc)
+        # CPython 3.11's selector transport keeps a bound method of itself (`_read_ready_cb`) and
+        # never drops it: one reference cycle per connection, socket included, that only a GC
+        # pass frees, and under `--gc tuned` that is a rare full one. Its reads are over by now.
+        if transport is not None and hasattr(transport, "_read_ready_cb"):
+            transport._read_ready_cb = None
 
-    def _expire(self) -> None:
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error path: a 500 becomes a bare JSON answer, the traceback goes to the log."""
+        if status != 500:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, ConnectionError):
+            log.debug("client went away during %s %s: %r", request.method, request.path, exc)
+        else:
+            log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        if request.writer.output_size > 0:  # as aiohttp: a started response cannot become a 500
+            raise ConnectionError("response already started, cannot send the error")
+        response = web.json_response({"error": "internal server error"}, status=500)
+        response.force_close()
+        return response
+
+    # -- 413 / 405 screening --------------------------------------------------------------------
+
+    def _screen_if_bodies(self, new: int) -> None:
+        # only requests that declare a body (Content-Length, chunked) or CONNECT get a payload
+        # stream from aiohttp's parser; from the first one on, this connection's requests are
+        # screened (requests already queued too, which is harmless and keeps their order)
+        messages = self._messages
+        for index in range(len(messages) - new, len(messages)):
+            if messages[index][1] is not EMPTY_PAYLOAD:
+                self._request_handler = self._screened
+                return
+
+    async def _screened(self, request: BaseRequest) -> web.StreamResponse:
+        rejection = self._guard.rejection(request)
+        if rejection is not None:
+            return rejection
+        return await self._app_handler(request)
+
+    # -- the request head timer -----------------------------------------------------------------
+
+    def _arm(self, delay: float, *, head_bytes: bool) -> None:
+        loop = self._guard.loop
+        self._head_bytes = head_bytes
+        self._armed_count = self._request_count
+        self._deadline = loop.time() + delay
+        self._timer = loop.call_at(self._deadline, self._expire, False)
+
+    def _expire(self, late_granted: bool) -> None:
         self._timer = None
-        if self._active or self._inner is None or self._transport is None:
-            return
+        if (
+            self.transport is None
+            or self._messages
+            or self._request_in_progress
+            or self._request_count != self._armed_count
+        ):
+            return  # closed already, or a request head completed: nothing to judge
         loop = self._guard.loop
         now = loop.time()
-        if now - self._deadline > LATE_S and not self._late_granted:
+        if now - self._deadline > LATE_S and not late_granted:
             # the loop was blocked past the deadline; bytes may be waiting unread (uvloop runs
             # timers before it polls for I/O): judge after one more short round
             self._deadline = now + SECOND_CHANCE_S
-            self._timer = loop.call_at(self._deadline, self._expire)
-            self._late_granted = True
+            self._timer = loop.call_at(self._deadline, self._expire, True)
             return
         self._guard.accept.header_timeouts += 1
-        if self._received:
-            self._transport.write(self._guard.timeout_response)
-        self._inner.force_close()  # closes the transport once the 408 is flushed
+        if self._head_bytes:
+            self.transport.write(self._guard.timeout_response)
+        self.force_close()
 
-    # -- refusing -------------------------------------------------------------------------------
 
-    def _refuse(self, transport: asyncio.Transport, open_now: int) -> None:
+class RefusedConnection(asyncio.Protocol):
+    """A connection past the cap: answered 503, half-closed, then closed."""
+
+    __slots__ = ("_closer", "_guard", "_lingering", "_open_now")
+
+    def __init__(self, guard: ConnectionGuard, open_now: int) -> None:
+        self._guard = guard
+        self._open_now = open_now
+        self._lingering = False
+        self._closer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio subclass
         guard = self._guard
-        guard.accept.refuse(open_now)
+        guard.accept.refuse(self._open_now)
         try:
             transport.write(guard.refusal)
             # half-close, read what the client still sends, then close: a close with unread data
@@ -259,11 +327,25 @@ class GuardedConnection(asyncio.Protocol):
                 transport.write_eof()
                 guard.lingering += 1
                 self._lingering = True
-                self._timer = guard.loop.call_later(REFUSE_LINGER_S, transport.close)
+                self._closer = guard.loop.call_later(REFUSE_LINGER_S, transport.close)
                 return
         except OSError:  # the client is already gone
             pass
         transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # discard what the client still sends
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        if self._lingering:
+            self._lingering = False
+            self._guard.lingering -= 1
 
 
 class _ClientErrorFilter(logging.Filter):

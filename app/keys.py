@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from app.config import Settings
     from app.executors import Executors
+    from app.gctune import GcPauses
     from app.metrics import Metrics
     from app.monitor.monitor import Monitor
 
@@ -16,3 +17,4 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor")
 EXECUTORS: web.AppKey[Executors] = web.AppKey("executors")
+GC: web.AppKey[GcPauses] = web.AppKey("gc")

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.keys import EXECUTORS, METRICS, MONITOR
+from app.keys import EXECUTORS, GC, METRICS, MONITOR
 
 routes = web.RouteTableDef()
 
@@ -28,6 +28,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "connections": monitor.connections.as_dict(),
         "accept": monitor.accept.as_dict(),
         "routes": monitor.routes.as_dict(),
+        "step_profiler": monitor.routes.implementation,  # "c" (the extension) or "python"
         "longest_step": None
         if longest is None
         else {"route": longest[0], "max_step_ms": round(longest[1], 3)},
@@ -36,6 +37,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
         "rss_mb": round(monitor.rss() / 2**20, 2),
         "rss_mb_peak": round(monitor.rss_peak / 2**20, 2),
+        "gc": app[GC].as_dict(),
     }
 
 

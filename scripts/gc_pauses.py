@@ -1,11 +1,18 @@
-"""`loop-lab serve` with CPython's cyclic garbage collector timed (or switched off).
+"""`loop-lab serve` with every collection of CPython's cyclic garbage collector logged.
 
-Every collection runs on the loop thread, so its duration is loop lag. This wrapper logs one line
-per collection (generation, milliseconds) to stderr and otherwise runs the normal server:
+Every collection runs on the loop thread, so its duration is loop lag. The server itself counts
+and times them (`/stats` `gc`, `looplab_gc_pause_seconds`); this wrapper also logs one line per
+collection (time, generation, milliseconds) to stderr, so a run can be read as a timeline.
+`--gc` is the server's own setting (app/gctune.py):
 
-    python scripts/gc_pauses.py serve --port 0 --max-delay 60 2> server.log
-    python scripts/gc_pauses.py --gc off serve --port 0 --max-delay 60   # no collections at all
-    python scripts/gc_pauses.py --summary server.log                      # totals per generation
+    python scripts/gc_pauses.py serve --port 0 --max-delay 60 --gc default 2> server.log
+    python scripts/gc_pauses.py serve --port 0 --max-delay 60 --gc tuned 2> server.log
+    python scripts/gc_pauses.py --summary server.log   # count, total, median, max per generation
+    python scripts/gc_pauses.py --timeline results/bench-.../server_stats.jsonl
+
+`--timeline` needs no wrapper: it prints, per second of a `loop-lab bench` run, the open
+connections, the collections of each generation in that second and the longest pause so far,
+from the `/stats` samples bench saved (the server's own `gc` section).
 
 Then bench it with `loop-lab bench multiplex --users 10000 --delay 10 --target URL`.
 """
@@ -13,6 +20,7 @@ Then bench it with `loop-lab bench multiplex --users 10000 --delay 10 --target U
 from __future__ import annotations
 
 import gc
+import json
 import re
 import sys
 import time
@@ -47,15 +55,37 @@ def summary(path: str) -> None:
         )
 
 
+def timeline(path: str) -> None:
+    previous: list[int] | None = None
+    started = 0.0
+    print("   s   open  gen0  gen1  gen2  longest so far ms (gen0/gen1/gen2)  lag max, last 10 s")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            sample = json.loads(line)
+            gens = sample.get("gc", {}).get("generations")
+            if not gens:
+                continue  # a server without the gc section
+            counts = [g["collections"] for g in gens]
+            if previous is None:
+                previous, started = counts, sample["t"]
+            new = [now - before for now, before in zip(counts, previous, strict=True)]
+            previous = counts
+            longest = "/".join(f"{g['pause_ms_max']:.1f}" for g in gens)
+            lag_max = sample["lag_ms"]["max"]
+            print(
+                f"{sample['t'] - started:5.1f} {sample['connections']['open']:6d} "
+                f"{new[0]:5d} {new[1]:5d} {new[2]:5d}  {longest:>34s}  {lag_max:8.1f}"
+            )
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--summary"]:
         summary(argv[1])
         return 0
-    if argv[:2] == ["--gc", "off"]:
-        gc.disable()
-        argv = argv[2:]
-    else:
-        gc.callbacks.append(_timer)
+    if argv[:1] == ["--timeline"]:
+        timeline(argv[1])
+        return 0
+    gc.callbacks.append(_timer)
     from app.cli import main as loop_lab
 
     return loop_lab(argv)

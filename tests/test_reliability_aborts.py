@@ -99,3 +99,22 @@ async def test_abort_storm_leaks_nothing(loop_name: LoopName) -> None:
     print(
         f"\n[{loop_name}] {CLIENTS} aborts: in-flight 0 after {back_to_zero:.2f}s;", before, after
     )
+
+
+async def test_aborted_threadsafe_frees_its_worker(loop_name: LoopName) -> None:
+    """A client that hangs up mid-/threadsafe frees the pool thread waiting for the loop at once,
+    not when the coroutine's delay is over."""
+    with running_server(loop_name, thread_workers=2) as running:
+        assert running.server is not None
+        port = running.server.port
+        pool = running.server.app[EXECUTORS].thread
+        socks = [await _client(port, "/threadsafe?delay=30") for _ in range(2)]
+        await wait_until(lambda: pool.busy == 2, within=30, what="both workers waiting")
+        for sock in socks:
+            sock.close()
+        freed = await wait_until(lambda: pool.pending == 0, within=10, what="workers freed")
+        await _settled(running)
+        # the pool serves again: its threads are not stuck behind the cancelled waits
+        status, _, _ = await http_get(port, "/threadsafe?delay=0", within=5)
+    assert status == 200
+    assert freed < 5.0

@@ -126,3 +126,43 @@ async def test_grace_deadline_cuts_and_counts_the_rest(loop_name: LoopName) -> N
     assert f"closing {len(paths)} requests still running" in server.log
     assert f"{len(paths)} requests cut at the end of the grace period" in server.log
     print(f"\n[{loop_name}] cut {len(paths)} requests at a {grace}s grace; exit after {took:.2f}s")
+
+
+async def test_grace_deadline_frees_threadsafe_workers(loop_name: LoopName) -> None:
+    """/threadsafe requests still running at the grace deadline do not hold the process for
+    their delay: their worker threads' waits are cancelled and the server exits soon after."""
+    grace = 1.0
+    server = await ServeProcess(
+        "--loop", loop_name, "--grace", str(grace), "--thread-workers", "4"
+    ).start()
+    paths = ["/threadsafe?delay=30"] * 4  # every pool thread waits on a 30 s coroutine
+    clients = []
+    try:
+        clients = list(await asyncio.gather(*(_send(server.port, p) for p in paths)))
+
+        async def all_waiting() -> bool:
+            stats = await get_json(server.port, "/stats")
+            return bool(
+                stats["routes"].get("/threadsafe", {}).get("in_flight", 0) == len(paths)
+                and stats["executor"]["thread"]["busy"] == len(paths)
+            )
+
+        await wait_until(all_waiting, within=30, what="threadsafe workers waiting")
+        signalled = time.monotonic()
+        server.signal()
+        raw = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _ in clients)), grace + 10
+        )
+        code = await server.wait(within=grace + 10)
+        took = time.monotonic() - signalled
+    finally:
+        for _, writer in clients:
+            writer.close()
+        await server.close()
+    assert raw == [b""] * len(paths)
+    assert code == 0
+    assert grace <= took < grace + 5, took  # not the 30 s the coroutines asked for
+    assert f"{len(paths)} requests cut at the end of the grace period" in server.log
+    print(
+        f"\n[{loop_name}] cut {len(paths)} /threadsafe at a {grace}s grace; exit after {took:.2f}s"
+    )

@@ -7,22 +7,34 @@ lookup. Any aiohttp middleware, even a no-op one, wraps every request in aiohttp
 request measured in-process, more than the wrapper here without its work (docs/benchmarks.md,
 "Instrumentation overhead"). Requests that match no route (404, 405) are caught by wrapping the
 router's `resolve` and counted under the route "unmatched".
+
+Each request's handler coroutine is driven step by step (app.monitor.steps) and accounted into its
+route's record. Two implementations do it: the C extension app.monitor._stepdriver (`Metered`
+handlers returning a `StepDriver`), or, when that was not built or LOOP_LAB_NO_EXTENSIONS is set,
+the generator `_metered_steps` below. They record the same figures (tests/test_stepdriver.py);
+the C one costs a fraction (docs/benchmarks.md, "Instrumentation overhead").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
+from contextlib import suppress
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute, MatchInfoError, UrlMappingMatchInfo
 
 from app.keys import MONITOR
-from app.monitor.routes import RouteRecord
-from app.monitor.steps import StepRecord, current_steps
+from app.monitor.steps import NO_EXTENSIONS_ENV, StepRecord, current_steps, speedups
+
+if TYPE_CHECKING:
+    from app.monitor.routes import AnyRouteRecord
+
+log = logging.getLogger("loop_lab.monitor")
 
 UNMATCHED = "unmatched"
 CLIENT_CLOSED = 499  # the client went away before the answer (nginx's convention)
@@ -51,6 +63,12 @@ def instrument(app: web.Application) -> None:
 
 async def _install(app: web.Application) -> None:
     stats = app[MONITOR].routes
+    if stats.implementation == "c":
+        log.info("step profiler: C extension app.monitor._stepdriver")
+    elif speedups is None:
+        log.info("step profiler: pure Python (the C extension was not built)")
+    else:
+        log.info("step profiler: pure Python (%s is set)", NO_EXTENSIONS_ENV)
     for route in app.router.routes():
         if route.handler in _UNMETERED:
             continue
@@ -64,16 +82,34 @@ async def _install(app: web.Application) -> None:
     async def resolve_and_meter(request: web.Request) -> UrlMappingMatchInfo:
         match = await resolve(request)
         if isinstance(match, MatchInfoError):
-            # a fresh route per request whose handler raises the 404/405: meter it like any other
-            _meter_route(match.route, unmatched)
+            # a fresh route per request whose handler raises the 404/405: meter it like any other.
+            # Its own handler is a bound method of itself, a reference cycle per 404; metering a
+            # plain raiser in its place lets refcounting free the route with the request.
+            _meter_route(match.route, unmatched, _raiser(match.http_exception))
         return match
 
     # an instance attribute shadows the method Application._handle calls
     app.router.resolve = resolve_and_meter  # type: ignore[method-assign]
 
 
-def _meter_route(route: AbstractRoute, record: RouteRecord) -> None:
-    handler: Any = route.handler
+def _raiser(exc: web.HTTPException) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        raise exc
+
+    return answer
+
+
+def _meter_route(
+    route: AbstractRoute, record: AnyRouteRecord, handler: Callable[..., Any] | None = None
+) -> None:
+    """Make `route` call `handler` (default: its own) driven step by step, recorded in `record`."""
+    if handler is None:
+        handler = route.handler
+    handler = cast(Any, handler)  # a coroutine function or a class-based view
+    if speedups is not None and isinstance(record, speedups.RouteCounters):
+        # a C callable: calls the handler, returns its coroutine wrapped in a StepDriver
+        route._handler = speedups.Metered(handler, record, isinstance(handler, type))
+        return
     if isinstance(handler, type):  # a class-based view: awaitable, but not a coroutine
 
         def metered(request: web.Request) -> Awaitable[web.StreamResponse]:
@@ -89,9 +125,34 @@ def _meter_route(route: AbstractRoute, record: RouteRecord) -> None:
     route._handler = metered  # type: ignore[assignment]
 
 
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """The answer a raised HTTPException stands for, as a plain response to return instead.
+
+    Re-raised, it would reach aiohttp's `_handle_request`, which keeps it as the response in a
+    local of the very frame its traceback holds: one reference cycle (~7 KB with the request and
+    connection it keeps) per 400/404/503. Under `--gc tuned` cycles wait for a rare full
+    collection, so a flood of refused requests would pile up memory (docs/reliability.md, 4).
+    """
+    # a 404/405's exception is also held by the route whose handler raised it, which its traceback
+    # holds in turn: the exception is answered and done with, so its traceback can go
+    exc.__traceback__ = None
+    return web.Response(status=exc.status, reason=exc.reason, headers=exc.headers, body=exc.body)
+
+
+if speedups is not None:
+    # what the C driver sets for demo handlers to read; the errors that get a status of their own;
+    # the answer to a raised HTTPException, as `_metered_steps` answers it
+    speedups.configure(
+        current_steps=current_steps,
+        http_exception=web.HTTPException,
+        cancelled_error=asyncio.CancelledError,
+        http_error_response=http_error_response,
+    )
+
+
 def _metered_steps(
     coro: Coroutine[Any, Any, web.StreamResponse] | Generator[Any, Any, web.StreamResponse],
-    record: RouteRecord,
+    record: AnyRouteRecord,
 ) -> Generator[Any, Any, web.StreamResponse]:
     """Drive one request's handler step by step and record it into its route's `record`.
 
@@ -130,19 +191,21 @@ def _metered_steps(
         return response
     except web.HTTPException as exc:
         status = exc.status
-        raise
+        return http_error_response(exc)
     except asyncio.CancelledError:
         status = CLIENT_CLOSED
         raise
     finally:
+        error = None  # a thrown-in exception's traceback holds this frame: no cycle through it
         ended = perf_counter()
         if steps.step_started:  # the handler returned or raised: its last step ends now
             steps.step_started = 0.0
             if ended - started > steps.max_step:
                 steps.max_step = ended - started
-        current_steps.reset(token)
         record.in_flight -= 1
         record.add(status, ended - steps.started, steps.max_step)
+        with suppress(ValueError):  # finalized from another context (a Task dropped pending)
+            current_steps.reset(token)
 
 
 # generator-based: the wrapper adds one generator frame per request, not a coroutine plus an

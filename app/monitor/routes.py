@@ -8,21 +8,58 @@ overhead"). The same families (`looplab_requests_total{route,status}`,
 `looplab_request_duration_seconds{route}`, `looplab_handler_step_seconds{route}`, same buckets)
 are built from these figures when Prometheus scrapes; scrapes run on the loop (the /metrics
 handler), like the requests, so they never see a half-made update.
+
+`RouteRecord` is the pure-Python record; `FastRouteRecord` keeps the same figures in C
+(app.monitor._stepdriver.RouteCounters), where the C step driver updates them without a Python
+call. A RouteStats uses one or the other for all its routes (`implementation`).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from app.metrics import DURATION_BUCKETS, STEP_BUCKETS
+from app.monitor.steps import extension, speedups
 
 
-class RouteRecord:
+class _Reading:
+    """What both kinds of record derive when read (rarely): totals, errors, the /stats dict."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:  # set by each kind of record (a slot in Python, a member in C)
+
+        @property
+        def statuses(self) -> dict[int, int]: ...
+
+    in_flight: int
+    max_step: float
+    last_step: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "count": self.count,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "max_step_ms": round(self.max_step * 1000.0, 3),
+            "last_step_ms": round(self.last_step * 1000.0, 3),
+        }
+
+
+class RouteRecord(_Reading):
     """One route's figures; its requests count themselves in `in_flight` and `add` their outcome.
 
     Only what must be counted per request is; totals and errors are summed from the status counts
@@ -66,22 +103,21 @@ class RouteRecord:
         self.step_buckets[bisect_left(STEP_BUCKETS, step)] += 1
         self.step_sum += step
 
-    @property
-    def count(self) -> int:
-        return sum(self.statuses.values())
 
-    @property
-    def errors(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status >= 500)
+if speedups is not None:
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "count": self.count,
-            "errors": self.errors,
-            "in_flight": self.in_flight,
-            "max_step_ms": round(self.max_step * 1000.0, 3),
-            "last_step_ms": round(self.last_step * 1000.0, 3),
-        }
+    class FastRouteRecord(speedups.RouteCounters, _Reading):
+        """RouteRecord's figures and `add`, kept in C; `duration_buckets` and `step_buckets`
+        read as fresh lists."""
+
+        __slots__ = ()
+
+        def __init__(self, route: str) -> None:
+            super().__init__(route, DURATION_BUCKETS, STEP_BUCKETS)
+
+
+if TYPE_CHECKING:
+    AnyRouteRecord: TypeAlias = RouteRecord | FastRouteRecord
 
 
 def _le_labels(bounds: Sequence[float]) -> tuple[str, ...]:
@@ -107,13 +143,16 @@ class RouteStats(Collector):
     """Every route's record, the totals, and the per-route Prometheus families."""
 
     def __init__(self) -> None:
-        self.by_route: dict[str, RouteRecord] = {}
+        self.by_route: dict[str, AnyRouteRecord] = {}
+        # decided once per app: every route's record, and so its driver, is of one kind
+        self.implementation = "python" if extension() is None else "c"
 
-    def record_for(self, route: str) -> RouteRecord:
+    def record_for(self, route: str) -> AnyRouteRecord:
         """The record requests of `route` go into (made on first use)."""
         record = self.by_route.get(route)
         if record is None:
-            record = self.by_route[route] = RouteRecord(route)
+            kind = RouteRecord if self.implementation == "python" else FastRouteRecord
+            record = self.by_route[route] = kind(route)
         return record
 
     @property
@@ -130,7 +169,7 @@ class RouteStats(Collector):
         # called from the watchdog thread: copy first, the loop may add routes meanwhile
         return {r: rec.in_flight for r, rec in list(self.by_route.items()) if rec.in_flight}
 
-    def _seen(self) -> list[tuple[str, RouteRecord]]:
+    def _seen(self) -> list[tuple[str, AnyRouteRecord]]:
         # records exist for every route from startup; show the ones that have had a request
         return [
             (r, rec) for r, rec in sorted(self.by_route.items()) if rec.statuses or rec.in_flight

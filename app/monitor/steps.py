@@ -10,17 +10,43 @@ Every request is driven this way, so the stepping is kept cheap (docs/benchmarks
 "Instrumentation overhead"): a plain generator, per-step state in locals, two clock reads per
 step. The request path runs the same loop inlined with its accounting in app.monitor.middleware;
 `stepped()` here profiles any coroutine.
+
+The request path has a C implementation too, `app.monitor._stepdriver` (an optional extension
+built at install; `extension()` says whether it runs). Without a compiler, or with
+LOOP_LAB_NO_EXTENSIONS=1, the pure-Python code here and in middleware/routes runs instead.
 """
 
 from __future__ import annotations
 
 import contextvars
+import os
 import types
 from collections.abc import Awaitable, Coroutine, Generator
 from time import perf_counter
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, Protocol, TypeVar
+
+try:
+    from app.monitor import _stepdriver
+except ImportError:  # not built (no compiler at install time): the pure-Python driver runs
+    _stepdriver = None  # type: ignore[assignment]
+speedups = _stepdriver  # the C extension module where it was built, else None
 
 T = TypeVar("T")
+NO_EXTENSIONS_ENV = "LOOP_LAB_NO_EXTENSIONS"
+
+
+def extension() -> ModuleType | None:
+    """The C step driver, unless it was not built or LOOP_LAB_NO_EXTENSIONS is set (not "0")."""
+    if os.environ.get(NO_EXTENSIONS_ENV, "") not in ("", "0"):
+        return None
+    return speedups
+
+
+class StepTiming(Protocol):
+    """What a handler reads about its own request mid-step: a StepRecord or the C StepDriver."""
+
+    def max_step_so_far(self) -> float: ...
 
 
 class StepRecord:
@@ -40,7 +66,7 @@ class StepRecord:
         return max(self.max_step, running)
 
 
-current_steps: contextvars.ContextVar[StepRecord | None] = contextvars.ContextVar(
+current_steps: contextvars.ContextVar[StepTiming | None] = contextvars.ContextVar(
     "looplab_current_steps", default=None
 )
 

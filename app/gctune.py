@@ -1,0 +1,208 @@
+"""How the server runs CPython's cyclic garbage collector (`--gc`), and how long its pauses are.
+
+Every collection runs on whichever thread allocated last, holding the GIL: for the loop, it is
+loop lag. A full (generation-2) collection walks every live container object, and at 10,000
+connections with a request parked on each that is over half a million of them: 0.1-0.7 s per
+collection here (docs/benchmarks.md, "The garbage collector at 10,000 connections"). CPython 3.11
+runs one whenever the oldest generation has seen 10 younger collections *and* has grown by 25%
+since the last one, so a server that is still gaining connections, or turning requests over that
+live long enough to be promoted, runs them again and again and finds nothing to free.
+
+Modes (per process: the collector is the interpreter's, so every server in a process shares it):
+
+- `default`: CPython as shipped, thresholds (700, 10, 10). Kept so the pauses stay demonstrable.
+- `tuned` (`TUNED_THRESHOLDS`): one `gc.collect()` then `gc.freeze()` once the app has started,
+  so the objects of the imports and of the app itself leave every later collection; a
+  generation-2 threshold of 1000, so a full collection waits for 1000 generation-1 collections
+  instead of 10; and a generation-0 threshold of 100 instead of 700. The last one is not about
+  collecting more: CPython counts allocations *minus deallocations* towards it, so in a server
+  whose requests free about as much as they allocate the count rarely reaches 700, and meanwhile
+  the young generation fills with every request in flight (measured: a young collection every
+  ~10 s at 10,000 connections, walking them all, 90-130 ms). At 100 it is collected while small.
+  Reference cycles that die young are still freed at once; cycles that outlive two young
+  collections wait for the rare full one (none were found at 10,000 connections).
+- `off`: `gc.disable()`: no automatic collection; memory held only by reference cycles is never
+  freed. For experiments, not for a service.
+
+`GcPauses` times every collection with a `gc.callbacks` hook (two calls per collection, none per
+request) and exports `looplab_gc_pause_seconds{generation}` and the `/stats` `gc` section.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.config import GcMode
+from app.keys import GC, METRICS, SETTINGS
+from app.metrics import LAG_BUCKETS
+
+log = logging.getLogger("loop_lab.gc")
+
+GENERATIONS = 3
+
+# Chosen by measurement at 10,000 connections (docs/benchmarks.md, "The garbage collector at
+# 10,000 connections"): (700, 10, 1000) still let the young generation grow to ~130 ms walks.
+SHIPPED_THRESHOLDS = (700, 10, 10)
+TUNED_THRESHOLDS = (100, 10, 1000)
+
+_LE = (*LAG_BUCKETS, float("inf"))
+_LE_TEXT = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in _LE)
+
+
+class GcPauses(Collector):
+    """Counts and times every collection of this process, from `start()` to `stop()`."""
+
+    def __init__(self, mode: GcMode) -> None:
+        self.mode = mode
+        self.collections = [0] * GENERATIONS
+        self.collected = [0] * GENERATIONS  # unreachable objects found (freed or uncollectable)
+        self.pause_sum = [0.0] * GENERATIONS
+        self.pause_max = [0.0] * GENERATIONS
+        self.buckets = [[0] * len(_LE) for _ in range(GENERATIONS)]
+        self.active = False
+        self._started = 0.0
+
+    def start(self) -> None:
+        gc.callbacks.append(self._on_gc)
+        self.active = True
+
+    def stop(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+        self.active = False
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # the collector is not reentrant (no collection starts inside another), so one start
+        # time is enough; runs on the thread that triggered the collection, under the GIL
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        generation: int = info["generation"]
+        self.collections[generation] += 1
+        self.collected[generation] += info["collected"]
+        self.pause_sum[generation] += pause
+        if pause > self.pause_max[generation]:
+            self.pause_max[generation] = pause
+        self.buckets[generation][bisect_left(_LE, pause)] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `/stats` `gc` section: mode, collector state, and pauses per generation."""
+        thresholds = gc.get_threshold()
+        return {
+            "mode": self.mode,
+            "enabled": gc.isenabled(),
+            "frozen_objects": gc.get_freeze_count(),
+            "generations": [
+                {
+                    "threshold": thresholds[g],
+                    "collections": self.collections[g],
+                    "collected_objects": self.collected[g],
+                    "pause_ms_total": round(self.pause_sum[g] * 1000.0, 3),
+                    "pause_ms_max": round(self.pause_max[g] * 1000.0, 3),
+                }
+                for g in range(GENERATIONS)
+            ],
+        }
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "looplab_gc_pause_seconds",
+            "Time each cyclic garbage collection held the GIL (and so the loop), by generation.",
+            labels=["generation"],
+        )
+        for g in range(GENERATIONS):
+            counts = list(self.buckets[g])
+            cumulative, total = [], 0
+            for le, n in zip(_LE_TEXT, counts, strict=True):
+                total += n
+                cumulative.append((le, total))
+            family.add_metric([str(g)], cumulative, self.pause_sum[g])
+        yield family
+
+
+class _ProcessCollector:
+    """The interpreter's collector, set by the servers of this process and restored after them.
+
+    Tests run several servers in one process; the first one to start remembers how the collector
+    was, the last one to stop puts it back. The mode of the last server started wins meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[tuple[int, int, int], bool] | None = None
+
+    def apply(self, mode: GcMode) -> str:
+        with self._lock:
+            if self._users == 0:
+                self._saved = (gc.get_threshold(), gc.isenabled())
+            self._users += 1
+            if mode == "off":
+                gc.disable()
+                return "off: gc.disable(), no automatic collections (reference cycles leak)"
+            gc.enable()
+            if mode == "default":
+                assert self._saved is not None
+                gc.set_threshold(*self._saved[0])
+                return f"default: CPython as shipped, thresholds {gc.get_threshold()}"
+            gc.collect()  # free startup garbage first: frozen objects are never collected
+            gc.freeze()  # everything alive now (imports, the app) leaves every collection
+            gc.set_threshold(*TUNED_THRESHOLDS)
+            return (
+                f"tuned: gc.freeze() moved {gc.get_freeze_count()} startup objects out of every "
+                f"collection; thresholds {TUNED_THRESHOLDS} (young collections while small, "
+                f"full ones {TUNED_THRESHOLDS[2] // SHIPPED_THRESHOLDS[2]}x rarer)"
+            )
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self._saved is None:
+                return
+            thresholds, enabled = self._saved
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
+            if enabled:
+                gc.enable()
+            else:
+                gc.disable()
+            self._saved = None
+
+
+_PROCESS = _ProcessCollector()
+
+
+def setup(app: web.Application) -> None:
+    """Apply `--gc` when the app starts (after every other startup step) and time collections."""
+    app[GC] = GcPauses(app[SETTINGS].gc)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+
+
+async def _start(app: web.Application) -> None:
+    pauses = app[GC]
+    # on_startup runs after the cleanup contexts: the monitor, the pools and the app exist now,
+    # and what they allocated is frozen with the imports
+    log.info("garbage collector %s", _PROCESS.apply(pauses.mode))
+    pauses.start()
+    app[METRICS].registry.register(pauses)
+
+
+async def _stop(app: web.Application) -> None:
+    pauses = app[GC]
+    if not pauses.active:
+        return  # the app failed to start before the collector was set
+    pauses.stop()
+    app[METRICS].registry.unregister(pauses)
+    _PROCESS.release()

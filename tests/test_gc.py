@@ -1,0 +1,168 @@
+"""`--gc`: how the server runs CPython's garbage collector, and the pauses it reports."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from app.config import GC_MODES, SettingError, Settings, build_settings
+from app.gctune import SHIPPED_THRESHOLDS, TUNED_THRESHOLDS
+from tests.deploy_support import http_get, http_json
+from tests.servers import running_server
+
+SERVING = re.compile(r"serving on (http://\S+)")
+GC_LINE = "loop_lab.gc: garbage collector"
+
+
+@contextmanager
+def serve_logged(*args: str) -> Iterator[tuple[str, list[str]]]:
+    """`python -m app serve` on a free port; yield its URL and every log line up to readiness."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    lines: list[str] = []
+    urls: list[str] = []
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while len(urls) < workers:
+            line = proc.stderr.readline()
+            assert line, f"server exited early with {proc.wait()}: {''.join(lines)}"
+            assert time.monotonic() < deadline, "server not ready in 60 s"
+            lines.append(line)
+            match = SERVING.search(line)
+            if match:
+                urls.append(match.group(1))
+        yield urls[0], lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def _thresholds(stats: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(g["threshold"] for g in stats["gc"]["generations"])
+
+
+def test_gc_setting_takes_every_mode_from_flag_or_env() -> None:
+    """--gc and LOOP_LAB_GC accept default/tuned/off (flag wins); tuned is the default."""
+    assert Settings().gc == "tuned"
+    for mode in GC_MODES:
+        assert build_settings({"gc": mode}, {}).gc == mode
+        assert build_settings({}, {"LOOP_LAB_GC": mode}).gc == mode
+    assert build_settings({"gc": "off"}, {"LOOP_LAB_GC": "default"}).gc == "off"
+    with pytest.raises(SettingError, match="LOOP_LAB_GC"):
+        build_settings({}, {"LOOP_LAB_GC": "aggressive"})
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--gc", "fast"], {}, "--gc"),
+        (["--gc", ""], {}, "--gc"),
+        ([], {"LOOP_LAB_GC": "On"}, "LOOP_LAB_GC"),
+    ],
+)
+def test_bad_gc_value_is_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:
+    """An unknown --gc / LOOP_LAB_GC stops the start with exit 2 and one line listing the modes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "default, tuned, off" in lines[0]
+
+
+def test_tuned_server_freezes_startup_objects_and_raises_the_full_threshold() -> None:
+    """--gc tuned: the server process froze its startup objects and runs the tuned thresholds."""
+    with serve_logged("--gc", "tuned") as (url, lines):
+        stats = http_json(f"{url}/stats")
+    assert stats["gc"]["mode"] == "tuned"
+    assert stats["gc"]["enabled"] is True
+    assert stats["gc"]["frozen_objects"] > 10_000  # the imports and the app, at least
+    assert _thresholds(stats) == TUNED_THRESHOLDS
+    assert sum(GC_LINE + " tuned" in line for line in lines) == 1
+
+
+def test_default_server_runs_the_collector_as_shipped() -> None:
+    """--gc default: nothing frozen, CPython's own thresholds, collector on."""
+    with serve_logged("--gc", "default") as (url, _):
+        stats = http_json(f"{url}/stats")
+    assert stats["gc"]["mode"] == "default"
+    assert stats["gc"]["enabled"] is True
+    assert stats["gc"]["frozen_objects"] == 0
+    assert _thresholds(stats) == SHIPPED_THRESHOLDS
+
+
+def test_off_server_disables_the_collector() -> None:
+    """--gc off: automatic collection is disabled in the server process."""
+    with serve_logged("--gc", "off") as (url, _):
+        stats = http_json(f"{url}/stats")
+    assert stats["gc"]["mode"] == "off"
+    assert stats["gc"]["enabled"] is False
+
+
+def test_every_worker_applies_the_mode_and_logs_it_once() -> None:
+    """--workers 2 --gc tuned: each worker process logs the collector setting exactly once."""
+    with serve_logged("--workers", "2", "--gc", "tuned") as (_, lines):
+        gc_lines = [line for line in lines if GC_LINE in line]
+    assert len(gc_lines) == 2, gc_lines
+    assert all(" tuned: gc.freeze()" in line for line in gc_lines)
+
+
+def _pause_count(metrics: str, generation: int) -> float:
+    match = re.search(
+        rf'^looplab_gc_pause_seconds_count{{generation="{generation}"}} (\S+)$', metrics, re.M
+    )
+    assert match, metrics
+    return float(match.group(1))
+
+
+def test_pause_metric_and_stats_count_every_collection() -> None:
+    """Each collection in the server's process adds one to /stats and looplab_gc_pause_seconds."""
+    with running_server("asyncio", gc="default") as server:
+        before = http_json(f"{server.url}/stats")["gc"]["generations"][2]["collections"]
+        for _ in range(3):
+            gc.collect(2)  # same process as the in-thread server: its collector counts these
+        stats = http_json(f"{server.url}/stats")["gc"]["generations"][2]
+        answer = http_get(f"{server.url}/metrics")
+    assert answer is not None
+    assert stats["collections"] >= before + 3
+    assert stats["pause_ms_max"] > 0
+    assert _pause_count(answer[1].decode(), 2) >= stats["collections"]  # read after /stats
+
+
+def test_collector_is_restored_when_the_last_server_stops() -> None:
+    """A tuned server in this process unfreezes and restores the thresholds when it stops."""
+    thresholds, enabled = gc.get_threshold(), gc.isenabled()
+    with running_server("asyncio", gc="tuned"):
+        assert gc.get_threshold() == TUNED_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == thresholds
+    assert gc.get_freeze_count() == 0
+    assert gc.isenabled() is enabled
