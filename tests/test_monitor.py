@@ -13,7 +13,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.monitor.lag import LagSampler, percentile
-from app.monitor.steps import StepRecord, stepped
 from tests.servers import ServerThread, running_server
 
 DESIGN_METRICS = {
@@ -137,36 +136,3 @@ async def test_lag_sampler_measures_a_stall() -> None:
     summary = sampler.summary()
     assert 190 <= summary.max_ms < 400
     assert summary.p50_ms < 20
-
-
-async def test_step_profiler_times_each_synchronous_stretch() -> None:
-    """stepped() records the longest stretch between awaits, and passes results through."""
-
-    async def handler() -> str:
-        await asyncio.sleep(0)
-        time.sleep(0.05)
-        await asyncio.sleep(0.01)
-        return "done"
-
-    record = StepRecord()
-    assert await stepped(handler(), record) == "done"
-    assert record.steps == 3
-    assert 0.045 <= record.max_step < 0.2
-
-
-async def test_step_profiler_propagates_cancellation() -> None:
-    """Cancelling a profiled coroutine cancels the inner one and re-raises."""
-    cleaned_up = asyncio.Event()
-
-    async def handler() -> None:
-        try:
-            await asyncio.sleep(10)
-        finally:
-            cleaned_up.set()
-
-    task = asyncio.create_task(stepped(handler(), StepRecord()))
-    await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert cleaned_up.is_set()

@@ -156,8 +156,8 @@ def _metered_steps(
 ) -> Generator[Any, Any, web.StreamResponse]:
     """Drive one request's handler step by step and record it into its route's `record`.
 
-    This is `steps.drive_steps` and the accounting in one generator, so a request costs one
-    generator frame here, not a chain of them. Keep its stepping in line with `drive_steps`.
+    Stepping and accounting in one generator, so a request costs one generator frame here, not a
+    chain of them. The C driver (app.monitor._stepdriver) does the same: keep the two in line.
     """
     steps = StepRecord()
     token = current_steps.set(steps)  # demo responses read their own max_step_ms through it
