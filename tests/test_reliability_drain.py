@@ -33,6 +33,22 @@ async def _send(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.Str
     return reader, writer
 
 
+async def _sigterm_past_grace(
+    server: ServeProcess,
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    grace: float,
+) -> tuple[list[bytes], int, float]:
+    """SIGTERM, then what each client read to EOF, the exit code and seconds until exit."""
+    signalled = time.monotonic()
+    server.signal()
+    # a reset would raise ConnectionResetError here; a clean close reads b""
+    raw = await asyncio.wait_for(
+        asyncio.gather(*(reader.read() for reader, _ in clients)), grace + 10
+    )
+    code = await server.wait(within=grace + 10)
+    return list(raw), code, time.monotonic() - signalled
+
+
 async def _demo_in_flight(port: int) -> int:
     routes = (await get_json(port, "/stats"))["routes"]
     return sum(routes.get(r, {}).get("in_flight", 0) for r in ("/await", "/offload"))
@@ -108,14 +124,7 @@ async def test_grace_deadline_cuts_and_counts_the_rest(loop_name: LoopName) -> N
     try:
         clients = list(await asyncio.gather(*(_send(server.port, p) for p in paths)))
         await _all_in_flight(server.port, len(paths))
-        signalled = time.monotonic()
-        server.signal()
-        # a reset would raise ConnectionResetError here; a clean close reads b""
-        raw = await asyncio.wait_for(
-            asyncio.gather(*(reader.read() for reader, _ in clients)), grace + 10
-        )
-        code = await server.wait(within=grace + 10)
-        took = time.monotonic() - signalled
+        raw, code, took = await _sigterm_past_grace(server, clients, grace)
     finally:
         for _, writer in clients:
             writer.close()
@@ -148,13 +157,7 @@ async def test_grace_deadline_frees_threadsafe_workers(loop_name: LoopName) -> N
             )
 
         await wait_until(all_waiting, within=30, what="threadsafe workers waiting")
-        signalled = time.monotonic()
-        server.signal()
-        raw = await asyncio.wait_for(
-            asyncio.gather(*(reader.read() for reader, _ in clients)), grace + 10
-        )
-        code = await server.wait(within=grace + 10)
-        took = time.monotonic() - signalled
+        raw, code, took = await _sigterm_past_grace(server, clients, grace)
     finally:
         for _, writer in clients:
             writer.close()
