@@ -23,9 +23,11 @@ SERVING = re.compile(r"serving on (http://\S+) \(loop=(\w+), pid=(\d+)")
 
 @contextmanager
 def serve_process(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, log: list[str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """Start `python -m app serve` on a free port; yield once it logs every worker's URL."""
+    """Start `python -m app serve` on a free port; yield once it logs every worker's URL.
+
+    `log`, if given, receives every log line up to then."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--port", "0", *args],
         stderr=subprocess.PIPE,
@@ -37,13 +39,15 @@ def serve_process(
     if "--workers" in args:
         workers = int(args[args.index("--workers") + 1])
     urls: list[str] = []
+    lines = [] if log is None else log
     try:
         assert proc.stderr is not None
         deadline = time.monotonic() + 60
         while len(urls) < workers:
             line = proc.stderr.readline()
-            assert line, f"server exited early with {proc.wait()}"
-            assert time.monotonic() < deadline
+            assert line, f"server exited early with {proc.wait()}: {''.join(lines)}"
+            assert time.monotonic() < deadline, "server not ready in 60 s"
+            lines.append(line)
             match = SERVING.search(line)
             if match:
                 urls.append(match.group(1))

@@ -5,10 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,44 +17,17 @@ from app.config import GC_MODES, SettingError, Settings, build_settings
 from app.gctune import SHIPPED_THRESHOLDS, TUNED_THRESHOLDS
 from tests.deploy_support import http_get, http_json
 from tests.servers import running_server
+from tests.test_cli import serve_process
 
-SERVING = re.compile(r"serving on (http://\S+)")
 GC_LINE = "loop_lab.gc: garbage collector"
 
 
 @contextmanager
 def serve_logged(*args: str) -> Iterator[tuple[str, list[str]]]:
     """`python -m app serve` on a free port; yield its URL and every log line up to readiness."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
     lines: list[str] = []
-    urls: list[str] = []
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 60
-        while len(urls) < workers:
-            line = proc.stderr.readline()
-            assert line, f"server exited early with {proc.wait()}: {''.join(lines)}"
-            assert time.monotonic() < deadline, "server not ready in 60 s"
-            lines.append(line)
-            match = SERVING.search(line)
-            if match:
-                urls.append(match.group(1))
+    with serve_process(*args, log=lines) as (_, urls):
         yield urls[0], lines
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def _thresholds(stats: dict[str, Any]) -> tuple[int, ...]:
