@@ -11,25 +11,32 @@ live long enough to be promoted, runs them again and again and finds nothing to 
 Modes (per process: the collector is the interpreter's, so every server in a process shares it):
 
 - `default`: CPython as shipped, thresholds (700, 10, 10). Kept so the pauses stay demonstrable.
-- `tuned` (`TUNED_THRESHOLDS`): one `gc.collect()` then `gc.freeze()` once the app has started,
-  so the objects of the imports and of the app itself leave every later collection; a
-  generation-2 threshold of 1000, so a full collection waits for 1000 generation-1 collections
-  instead of 10; and a generation-0 threshold of 100 instead of 700. The last one is not about
-  collecting more: CPython counts allocations *minus deallocations* towards it, so in a server
-  whose requests free about as much as they allocate the count rarely reaches 700, and meanwhile
-  the young generation fills with every request in flight (measured: a young collection every
-  ~10 s at 10,000 connections, walking them all, 90-130 ms). At 100 it is collected while small.
-  Reference cycles that die young are still freed at once; cycles that outlive two young
-  collections wait for the rare full one (none were found at 10,000 connections).
+- `tuned`: one `gc.collect()` then `gc.freeze()` once the app has started, so the objects of
+  the imports and of the app itself leave every later collection; young collections on a clock
+  (`YoungSweeper`: generation 0 every `SWEEP_INTERVAL_S`, generation 1 every
+  `SWEEPS_PER_MIDDLE`th time) as well as by count; and a generation-2 threshold of 1000
+  (`TUNED_THRESHOLDS`), so a full collection waits for 1000 generation-1 collections instead
+  of 10. The clock is there because CPython counts allocations *minus deallocations* towards
+  the young threshold: in a server whose requests free about as much as they allocate, the
+  count rarely reaches it, while the young generation fills with every request in flight
+  (measured at 10,000 connections with the count alone: a young collection every ~3 s, walking
+  them all, up to 94 ms). On a clock its size is bounded by what 50 ms of requests leave alive,
+  whatever the concurrency. A lower count threshold (100) bounded it too, but then a busy
+  hello-world server collected on almost every batch of requests (a third of loop-lab's cost
+  over bare aiohttp, docs/benchmarks.md, "Instrumentation overhead"). Reference cycles that die
+  young are still freed at once; cycles that outlive two young collections wait for the rare
+  full one.
 - `off`: `gc.disable()`: no automatic collection; memory held only by reference cycles is never
   freed. For experiments, not for a service.
 
-`GcPauses` times every collection with a `gc.callbacks` hook (two calls per collection, none per
-request) and exports `looplab_gc_pause_seconds{generation}` and the `/stats` `gc` section.
+`GcPauses` times every collection, by count or by clock, with a `gc.callbacks` hook (two calls
+per collection, none per request) and exports `looplab_gc_pause_seconds{generation}` and the
+`/stats` `gc` section.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -50,10 +57,13 @@ log = logging.getLogger("loop_lab.gc")
 
 GENERATIONS = 3
 
-# Chosen by measurement at 10,000 connections (docs/benchmarks.md, "The garbage collector at
-# 10,000 connections"): (700, 10, 1000) still let the young generation grow to ~130 ms walks.
+# Chosen by measurement (docs/benchmarks.md, "The garbage collector at 10,000 connections"):
+# generation 0 keeps CPython's count as a backstop for allocation bursts, the clock below does
+# the regular young collections.
 SHIPPED_THRESHOLDS = (700, 10, 10)
-TUNED_THRESHOLDS = (100, 10, 1000)
+TUNED_THRESHOLDS = (700, 10, 1000)
+SWEEP_INTERVAL_S = 0.05
+SWEEPS_PER_MIDDLE = 5  # every 5th sweep collects generation 1 too (survivors of 0.25 s)
 
 _LE = (*LAG_BUCKETS, float("inf"))
 _LE_TEXT = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in _LE)
@@ -103,6 +113,8 @@ class GcPauses(Collector):
             "mode": self.mode,
             "enabled": gc.isenabled(),
             "frozen_objects": gc.get_freeze_count(),
+            # young collections on a clock as well as by count (`tuned`), else by count only
+            "young_sweep_ms": SWEEP_INTERVAL_S * 1000.0 if self.mode == "tuned" else None,
             "generations": [
                 {
                     "threshold": thresholds[g],
@@ -129,6 +141,39 @@ class GcPauses(Collector):
                 cumulative.append((le, total))
             family.add_metric([str(g)], cumulative, self.pause_sum[g])
         yield family
+
+
+class YoungSweeper:
+    """Collects the young generations on the loop's clock (`--gc tuned`).
+
+    Generation 0 every `interval`, generations 0 and 1 every `per_middle`th time: the walk of
+    each is bounded by what requests of that long are still holding, not by how far the
+    allocation count happened to drift.
+    """
+
+    def __init__(
+        self, interval: float = SWEEP_INTERVAL_S, per_middle: int = SWEEPS_PER_MIDDLE
+    ) -> None:
+        self.interval = interval
+        self.per_middle = per_middle
+        self.sweeps = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer = loop.call_later(self.interval, self._sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        self.sweeps += 1
+        gc.collect(1 if self.sweeps % self.per_middle == 0 else 0)
+        self._timer = self._loop.call_later(self.interval, self._sweep)
 
 
 class _ProcessCollector:
@@ -161,8 +206,9 @@ class _ProcessCollector:
             gc.set_threshold(*TUNED_THRESHOLDS)
             return (
                 f"tuned: gc.freeze() moved {gc.get_freeze_count()} startup objects out of every "
-                f"collection; thresholds {TUNED_THRESHOLDS} (young collections while small, "
-                f"full ones {TUNED_THRESHOLDS[2] // SHIPPED_THRESHOLDS[2]}x rarer)"
+                f"collection; young ones every {SWEEP_INTERVAL_S * 1000:g} ms as well as by "
+                f"count, thresholds {TUNED_THRESHOLDS} (full collections "
+                f"{TUNED_THRESHOLDS[2] // SHIPPED_THRESHOLDS[2]}x rarer)"
             )
 
     def release(self) -> None:
@@ -181,11 +227,13 @@ class _ProcessCollector:
 
 
 _PROCESS = _ProcessCollector()
+SWEEPER = web.AppKey("looplab_gc_young_sweeper", YoungSweeper)
 
 
 def setup(app: web.Application) -> None:
     """Apply `--gc` when the app starts (after every other startup step) and time collections."""
     app[GC] = GcPauses(app[SETTINGS].gc)
+    app[SWEEPER] = YoungSweeper()
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
 
@@ -196,6 +244,8 @@ async def _start(app: web.Application) -> None:
     # and what they allocated is frozen with the imports
     log.info("garbage collector %s", _PROCESS.apply(pauses.mode))
     pauses.start()
+    if pauses.mode == "tuned":
+        app[SWEEPER].start(asyncio.get_running_loop())
     app[METRICS].registry.register(pauses)
 
 
@@ -203,6 +253,7 @@ async def _stop(app: web.Application) -> None:
     pauses = app[GC]
     if not pauses.active:
         return  # the app failed to start before the collector was set
+    app[SWEEPER].stop()
     pauses.stop()
     app[METRICS].registry.unregister(pauses)
     _PROCESS.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from app.config import GC_MODES, SettingError, Settings, build_settings
-from app.gctune import SHIPPED_THRESHOLDS, TUNED_THRESHOLDS
+from app.gctune import SHIPPED_THRESHOLDS, SWEEP_INTERVAL_S, TUNED_THRESHOLDS, YoungSweeper
 from tests.deploy_support import http_get, http_json
 from tests.servers import running_server
 from tests.test_cli import serve_process
@@ -77,6 +78,7 @@ def test_tuned_server_freezes_startup_objects_and_raises_the_full_threshold() ->
     assert stats["gc"]["enabled"] is True
     assert stats["gc"]["frozen_objects"] > 10_000  # the imports and the app, at least
     assert _thresholds(stats) == TUNED_THRESHOLDS
+    assert stats["gc"]["young_sweep_ms"] == SWEEP_INTERVAL_S * 1000
     assert sum(GC_LINE + " tuned" in line for line in lines) == 1
 
 
@@ -87,6 +89,7 @@ def test_default_server_runs_the_collector_as_shipped() -> None:
     assert stats["gc"]["mode"] == "default"
     assert stats["gc"]["enabled"] is True
     assert stats["gc"]["frozen_objects"] == 0
+    assert stats["gc"]["young_sweep_ms"] is None
     assert _thresholds(stats) == SHIPPED_THRESHOLDS
 
 
@@ -137,3 +140,26 @@ def test_collector_is_restored_when_the_last_server_stops() -> None:
     assert gc.get_threshold() == thresholds
     assert gc.get_freeze_count() == 0
     assert gc.isenabled() is enabled
+
+
+async def test_young_sweeper_collects_on_the_clock_and_stops() -> None:
+    """The sweeper collects generation 0 each tick and 1 every per_middle-th, until stopped."""
+    swept: list[int] = []
+    done = asyncio.Event()
+    sweeper = YoungSweeper(interval=0.005, per_middle=3)
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and sweeper.sweeps > len(swept):  # this tick's collection
+            swept.append(info["generation"])
+            if len(swept) == 9:
+                done.set()
+
+    gc.callbacks.append(on_gc)
+    try:
+        sweeper.start(asyncio.get_running_loop())
+        await asyncio.wait_for(done.wait(), timeout=30)
+        sweeper.stop()
+    finally:
+        gc.callbacks.remove(on_gc)
+    assert swept == [0, 0, 1, 0, 0, 1, 0, 0, 1]
+    assert sweeper._timer is None  # nothing left armed on the loop
