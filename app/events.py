@@ -1,7 +1,8 @@
 """`/events`: server-sent events feeding the live dashboard, from one shared broadcaster.
 
 One task per app builds one snapshot per tick, serializes it once and offers the same bytes to every
-open stream, so 50 dashboards cost 50 small socket writes per tick, not 50 snapshots. Each stream
+open stream, so 50 dashboards cost 50 small socket writes per tick, not 50 snapshots, and no
+dashboard costs no snapshot (a fresh one is built when the first stream opens). Each stream
 has a small drop-oldest buffer: a client that stops reading loses stale updates, never the server's
 memory, and a write that cannot finish within `WRITE_TIMEOUT_S` ends that stream. The broadcaster
 is just another callback on the loop it watches: while a handler blocks the loop no tick runs, the
@@ -123,22 +124,28 @@ class Broadcaster:
         while True:
             await asyncio.sleep(self.tick)
             try:
-                self.publish()
+                if self.subscribers:
+                    self.publish()
+                else:  # nobody watching: a snapshot (~1 ms) a tick would be waste
+                    self._rps(time.monotonic(), self._app[MONITOR].routes.total)
             except Exception:  # a bad tick must not end the stream for good
                 log.exception("building a dashboard update failed")
+
+    def _rps(self, now: float, total: int) -> float:
+        """Requests per second over the last RATE_WINDOW_S, with `total` counted at `now`."""
+        totals = self._totals
+        totals.append((now, total))
+        while len(totals) > 2 and totals[1][0] <= now - RATE_WINDOW_S:
+            totals.popleft()
+        then, then_total = totals[0]
+        return (total - then_total) / (now - then) if now > then else 0.0
 
     def build(self) -> dict[str, Any]:
         """The update every client gets this tick: /stats plus what only a live view needs."""
         app = self._app
         now = time.monotonic()
         stats = snapshot(app)
-        total = int(stats["requests_total"])
-        totals = self._totals
-        totals.append((now, total))
-        while len(totals) > 2 and totals[1][0] <= now - RATE_WINDOW_S:
-            totals.popleft()
-        then, then_total = totals[0]
-        rps = (total - then_total) / (now - then) if now > then else 0.0
+        rps = self._rps(now, int(stats["requests_total"]))
         recent = app[MONITOR].lag.summary(window=RECENT_LAG_S).max_ms
         self.seq += 1
         self.snapshots_built += 1
@@ -171,8 +178,11 @@ class Broadcaster:
         subscriber = Subscriber(transport, self.buffer, self.write_timeout)
         if self.closed:
             subscriber.close()
-        elif self.latest is not None:
-            subscriber.offer(self.latest)  # the page has figures at once, not a tick later
+        else:
+            if not self.subscribers:  # idle until now: what `latest` holds is stale
+                self.publish()
+            if self.latest is not None:
+                subscriber.offer(self.latest)  # the page has figures at once, not a tick later
         self.subscribers.add(subscriber)
         try:
             yield subscriber

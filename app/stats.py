@@ -36,7 +36,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "executor_limits": app[EXECUTORS].limits_dict(),
         "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
         "rss_mb": round(monitor.rss() / 2**20, 2),
-        "rss_mb_peak": round(monitor.rss_peak / 2**20, 2),
+        "rss_mb_peak": round(monitor.rss_peak() / 2**20, 2),
         "gc": app[GC].as_dict(),
     }
 

@@ -16,7 +16,7 @@ from app.metrics import LiveValues, Metrics
 from app.monitor.accept import AcceptMonitor
 from app.monitor.connections import ConnectionTracker
 from app.monitor.lag import LagSampler
-from app.monitor.process import rss_bytes
+from app.monitor.process import peak_rss_bytes, rss_bytes
 from app.monitor.routes import RouteStats
 from app.monitor.watchdog import StallWatchdog
 
@@ -33,7 +33,6 @@ class Monitor:
         self.loop: LoopName = "asyncio"
         self.pid = os.getpid()
         self.started = time.monotonic()
-        self.rss_peak = 0
         self.watchdog: StallWatchdog | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -58,9 +57,11 @@ class Monitor:
         return time.monotonic() - self.started
 
     def rss(self) -> int:
-        rss = rss_bytes()
-        self.rss_peak = max(self.rss_peak, rss)
-        return rss
+        return rss_bytes()
+
+    def rss_peak(self) -> int:
+        """Peak RSS as the kernel counts it: not missed between samples."""
+        return peak_rss_bytes()
 
 
 async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,6 +17,11 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_bytes() -> int:
+    """The highest resident set size this process has had (the kernel's high-water mark)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def open_fds() -> int:
     """File descriptors this process holds now (-1 where /proc is missing)."""
     try:
