@@ -18,5 +18,5 @@ def demo_response(request: web.Request, mode: str, started: float, **fields: Any
     body["elapsed"] = round(perf_counter() - started, 6)
     body["loop"] = monitor.loop
     body["pid"] = monitor.pid
-    body["max_step_ms"] = round(current_max_step_ms(), 3)
+    body["max_step_ms"] = round(current_max_step_ms(request), 3)
     return web.json_response(body)

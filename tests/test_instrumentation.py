@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import yarl
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -12,6 +13,7 @@ from app.application import create_app
 from app.config import Settings
 from app.events import events_handler
 from app.keys import MONITOR
+from app.monitor.middleware import UNMATCHED, UNMATCHED_PATH
 from app.monitor.steps import current_max_step_ms
 from tests.servers import ServerThread
 
@@ -21,13 +23,14 @@ async def test_every_route_but_streams_is_metered(server: ServerThread) -> None:
     assert server.server is not None
     app = server.server.app
     records = app[MONITOR].routes.by_route
+    catch_all = web.DynamicResource(UNMATCHED_PATH).canonical
     for route in app.router.routes():
         canonical = route.resource.canonical if route.resource is not None else ""
         if canonical == "/events":
             assert route.handler is events_handler
         else:
             assert getattr(route.handler, "__name__", "") == "metered", canonical
-            assert canonical in records
+            assert (UNMATCHED if canonical == catch_all else canonical) in records
 
 
 async def test_unmatched_requests_and_histograms(server: ServerThread) -> None:
@@ -47,6 +50,7 @@ async def test_unmatched_requests_and_histograms(server: ServerThread) -> None:
         async with session.get(f"{server.url}/metrics") as response:
             text = await response.text()
     assert routes["unmatched"]["count"] == 2
+    assert "/{unmatched_path}" not in routes
     assert routes["/healthz"]["count"] == 3
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = {
@@ -79,7 +83,29 @@ async def test_unmatched_requests_and_histograms(server: ServerThread) -> None:
 class _View(web.View):
     async def get(self) -> web.Response:
         await asyncio.sleep(0)
-        return web.json_response({"max_step_ms": current_max_step_ms()})
+        return web.json_response({"max_step_ms": current_max_step_ms(self.request)})
+
+
+async def test_unmatched_answers_as_aiohttp_does(server: ServerThread) -> None:
+    """The catch-all answers 404, or 405 with aiohttp's Allow header; each counts as unmatched."""
+    cases = [
+        ("GET", "/no-such-page", 404, None),
+        ("HEAD", "/no-such-page", 404, None),
+        ("GET", "/a%0Ab", 404, None),  # a decoded newline in the path
+        ("GET", "/healthz/", 404, None),
+        ("POST", "/healthz", 405, "GET,HEAD"),
+        ("PUT", "/", 405, "GET,HEAD"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for method, path, status, allow in cases:
+            url = yarl.URL(f"{server.url}{path}", encoded=True)
+            async with session.request(method, url) as response:
+                assert (response.status, response.headers.get("Allow")) == (status, allow), path
+        async with session.get(f"{server.url}/stats") as response:
+            routes = (await response.json())["routes"]
+    assert routes["unmatched"]["count"] == len(cases)
+    assert server.server is not None
+    assert dict(server.server.app[MONITOR].routes.by_route[UNMATCHED].statuses) == {404: 4, 405: 2}
 
 
 async def test_class_based_views_are_metered() -> None:

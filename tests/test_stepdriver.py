@@ -26,7 +26,7 @@ from app.keys import MONITOR
 from app.loops import LoopName, loop_factory
 from app.monitor import middleware
 from app.monitor.routes import FastRouteRecord, RouteRecord, RouteStats
-from app.monitor.steps import NO_EXTENSIONS_ENV, current_max_step_ms, speedups
+from app.monitor.steps import NO_EXTENSIONS_ENV, StepRecord, current_max_step_ms, speedups
 from tests.servers import running_server
 
 IMPLEMENTATIONS = ("c", "python")
@@ -69,20 +69,21 @@ class _View(web.View):
     async def get(self) -> web.Response:
         await asyncio.sleep(0)
         time.sleep(BLOCK_S)
-        return web.json_response({"max_step_ms": current_max_step_ms()})
+        return web.json_response({"max_step_ms": current_max_step_ms(self.request)})
 
 
 def _extra_routes(app: web.Application, hung: asyncio.Event) -> None:
     async def blocks(request: web.Request) -> web.Response:
         await asyncio.sleep(0)
         time.sleep(BLOCK_S)
-        seen_mid_step = current_max_step_ms()  # the step is still running
+        seen_mid_step = current_max_step_ms(request)  # the step is still running
         await asyncio.sleep(0)
-        return web.json_response({"mid_step_ms": seen_mid_step, "after_ms": current_max_step_ms()})
+        after_ms = current_max_step_ms(request)
+        return web.json_response({"mid_step_ms": seen_mid_step, "after_ms": after_ms})
 
     async def awaits(request: web.Request) -> web.Response:
         await asyncio.sleep(BLOCK_S)
-        return web.json_response({"max_step_ms": current_max_step_ms()})
+        return web.json_response({"max_step_ms": current_max_step_ms(request)})
 
     async def teapot(request: web.Request) -> web.Response:
         await asyncio.sleep(0)
@@ -259,7 +260,7 @@ def _driver(implementation: str) -> tuple[Any, Callable[[Any], Any]]:
         fast = FastRouteRecord("/x")
         return fast, lambda coro: speedups.StepDriver(coro, fast)
     record = RouteRecord("/x")
-    return record, lambda coro: middleware._metered(coro, record)
+    return record, lambda coro: middleware._metered(coro, record, StepRecord())
 
 
 class _Future:

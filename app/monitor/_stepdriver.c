@@ -8,11 +8,11 @@
  *   last step, the duration and step histograms), updated in C; read from Python as attributes.
  * - StepDriver: the awaitable a metered handler returns. It drives the handler's coroutine one
  *   step at a time (am_send / send / throw / close, like a generator's `yield from`), times each
- *   step with CLOCK_MONOTONIC (the clock time.perf_counter reads on Linux), is the value of the
- *   `current_steps` context variable while the request runs (demo handlers read max_step_so_far()
- *   mid-step), and accounts the request into its route's RouteCounters when it ends.
+ *   step with CLOCK_MONOTONIC (the clock time.perf_counter reads on Linux), and accounts the
+ *   request into its route's RouteCounters when it ends.
  * - Metered: the callable installed as a route's handler: handler(request) wrapped in a
- *   StepDriver, with no Python frame of its own.
+ *   StepDriver, with no Python frame of its own. It stores the driver in the request under the
+ *   configured key (app.monitor.steps.STEPS), where demo handlers read max_step_so_far() mid-step.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,9 +21,10 @@
 
 #define CLIENT_CLOSED 499 /* the client went away before the answer (nginx's convention) */
 
-/* set once by configure(): the context variable demo handlers read, and the exception classes
- * whose requests get a status of their own */
-static PyObject *current_steps_var = NULL;
+/* set once by configure(): the request key demo handlers read their driver under (a plain
+ * dict-like store: a context variable cost more than the rest of the driver's bookkeeping), and
+ * the exception classes whose requests get a status of their own */
+static PyObject *steps_key = NULL;
 static PyObject *http_exception_type = NULL;
 static PyObject *cancelled_error_type = NULL;
 /* optional: exc -> the plain response a raised HTTPException stands for, returned instead of
@@ -312,7 +313,6 @@ typedef struct {
     PyObject_HEAD
     PyObject *coro;           /* the handler's coroutine (or a view's __await__ iterator) */
     RouteCounters *record;    /* where the request is accounted when it ends */
-    PyObject *token;          /* current_steps token, reset when the request ends */
     double started;           /* start of the first step */
     double step_started;      /* start of the step running now; 0.0 between steps */
     double max_step;
@@ -334,7 +334,6 @@ driver_new(PyObject *coro, RouteCounters *record)
     self->coro = coro;
     Py_INCREF(record);
     self->record = record;
-    self->token = NULL;
     self->started = self->step_started = self->max_step = 0.0;
     self->steps = 0;
     self->state = DRIVER_NEW;
@@ -361,7 +360,6 @@ driver_traverse(StepDriver *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->coro);
     Py_VISIT(self->record);
-    Py_VISIT(self->token);
     return 0;
 }
 
@@ -369,7 +367,6 @@ static int
 driver_clear(StepDriver *self)
 {
     Py_CLEAR(self->coro);
-    Py_CLEAR(self->token);
     Py_CLEAR(self->record);
     return 0;
 }
@@ -438,7 +435,7 @@ answer_http_error(long *code, PyObject **response)
     return *response == NULL ? -1 : 1;
 }
 
-/* The request ended at `ended`: close its last step, reset current_steps, account it. Keeps the
+/* The request ended at `ended`: close its last step and account it. Keeps the
  * exception being raised, if any; returns -1 with an exception set only if accounting failed and
  * none was being raised. */
 static int
@@ -454,13 +451,6 @@ driver_finish(StepDriver *self, long status, double ended)
     self->state = DRIVER_DONE;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    if (self->token != NULL) {
-        /* fails only when closed from another context (a finalizer): nothing to restore then */
-        if (PyContextVar_Reset(current_steps_var, self->token) < 0) {
-            PyErr_Clear();
-        }
-        Py_CLEAR(self->token);
-    }
     RouteCounters *record = self->record;
     int rc = 0;
     if (record != NULL) {
@@ -516,13 +506,6 @@ driver_step(StepDriver *self, PyObject *arg, PyObject *throw_args, PyObject **re
             PyErr_SetString(PyExc_TypeError,
                             "can't send non-None value to a just-started step driver");
             return PYGEN_ERROR;
-        }
-        /* demo responses read their own max_step_ms through it */
-        if (current_steps_var != NULL) {
-            self->token = PyContextVar_Set(current_steps_var, (PyObject *)self);
-            if (self->token == NULL) {
-                return PYGEN_ERROR;
-            }
         }
         self->state = DRIVER_SUSPENDED;
         self->record->in_flight++;
@@ -935,6 +918,11 @@ metered_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
     }
     PyObject *driver = driver_new(coro, self->record);
     Py_DECREF(coro);
+    /* demo responses read their own max_step_ms through it */
+    if (driver != NULL && steps_key != NULL && PyVectorcall_NARGS(nargsf) >= 1 &&
+        PyObject_SetItem(args[0], steps_key, driver) < 0) {
+        Py_CLEAR(driver);
+    }
     return driver;
 }
 
@@ -1001,11 +989,11 @@ static PyTypeObject MeteredType = {
 static PyObject *
 configure(PyObject *module, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"current_steps", "http_exception", "cancelled_error",
+    static char *kwlist[] = {"steps_key", "http_exception", "cancelled_error",
                              "http_error_response", NULL};
-    PyObject *var, *http_exception, *cancelled_error, *answer = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|O:configure", kwlist, &PyContextVar_Type,
-                                     &var, &http_exception, &cancelled_error, &answer)) {
+    PyObject *key, *http_exception, *cancelled_error, *answer = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|O:configure", kwlist, &key,
+                                     &http_exception, &cancelled_error, &answer)) {
         return NULL;
     }
     if (!PyExceptionClass_Check(http_exception) || !PyExceptionClass_Check(cancelled_error)) {
@@ -1017,8 +1005,8 @@ configure(PyObject *module, PyObject *args, PyObject *kwds)
         return NULL;
     }
     Py_XSETREF(http_error_response, answer == Py_None ? NULL : Py_NewRef(answer));
-    Py_INCREF(var);
-    Py_XSETREF(current_steps_var, var);
+    Py_INCREF(key);
+    Py_XSETREF(steps_key, key);
     Py_INCREF(http_exception);
     Py_XSETREF(http_exception_type, http_exception);
     Py_INCREF(cancelled_error);
@@ -1028,8 +1016,9 @@ configure(PyObject *module, PyObject *args, PyObject *kwds)
 
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(current_steps, http_exception, cancelled_error, http_error_response=None): what "
-     "drivers set and catch, and what answers a raised HTTPException (None: it goes on up)."},
+     "configure(steps_key, http_exception, cancelled_error, http_error_response=None): the "
+     "request key a driver is stored under, what drivers catch, and what answers a raised "
+     "HTTPException (None: it goes on up)."},
     {NULL},
 };
 

@@ -1,7 +1,6 @@
 """Types of the optional C step driver (app/monitor/_stepdriver.c)."""
 
 from collections.abc import Callable, Generator, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 from aiohttp import web
@@ -59,7 +58,7 @@ class Metered:
     def __call__(self, request: web.Request) -> StepDriver: ...
 
 def configure(
-    current_steps: ContextVar[Any],
+    steps_key: web.RequestKey[Any],
     http_exception: type[BaseException],
     cancelled_error: type[BaseException],
     http_error_response: Callable[[Any], web.StreamResponse] | None = ...,

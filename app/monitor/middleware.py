@@ -5,8 +5,10 @@ each route's handler is wrapped once, bound to its route's record, so a request 
 lookup. Any aiohttp middleware, even a no-op one, wraps every request in aiohttp's own
 `_fix_request_current_app` coroutine and an lru_cache lookup of the handler chain: 1.4 µs per
 request measured in-process, more than the wrapper here without its work (docs/benchmarks.md,
-"Instrumentation overhead"). Requests that match no route (404, 405) are caught by wrapping the
-router's `resolve` and counted under the route "unmatched".
+"Instrumentation overhead"). Requests that match no route (404, 405) are counted under the route
+"unmatched": a catch-all route, added last, so aiohttp's router reaches it only after every real
+route has failed to match (wrapping the router's `resolve` instead cost every request an extra
+coroutine).
 
 Each request's handler coroutine is driven step by step (app.monitor.steps) and accounted into its
 route's record. Two implementations do it: the C extension app.monitor._stepdriver (`Metered`
@@ -21,15 +23,14 @@ import asyncio
 import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from contextlib import suppress
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiohttp import web
-from aiohttp.web_urldispatcher import AbstractRoute, MatchInfoError, UrlMappingMatchInfo
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from app.keys import MONITOR
-from app.monitor.steps import NO_EXTENSIONS_ENV, StepRecord, current_steps, speedups
+from app.monitor.steps import NO_EXTENSIONS_ENV, STEPS, StepRecord, speedups
 
 if TYPE_CHECKING:
     from app.monitor.routes import AnyRouteRecord
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("loop_lab.monitor")
 
 UNMATCHED = "unmatched"
+# any path at all, newlines included (`.` would leave a path with a decoded %0A to aiohttp's own
+# unmetered 404); routes are tried most specific first, and this one is indexed under "/"
+UNMATCHED_PATH = r"/{unmatched_path:[\s\S]*}"
 CLIENT_CLOSED = 499  # the client went away before the answer (nginx's convention)
 
 # Streams that last as long as a client stays (the dashboard's /events) are not requests in the
@@ -76,36 +80,26 @@ async def _install(app: web.Application) -> None:
         name = UNMATCHED if resource is None else resource.canonical
         _meter_route(route, stats.record_for(name))
 
-    unmatched = stats.record_for(UNMATCHED)
-    resolve = app.router.resolve
-
-    async def resolve_and_meter(request: web.Request) -> UrlMappingMatchInfo:
-        match = await resolve(request)
-        if isinstance(match, MatchInfoError):
-            # a fresh route per request whose handler raises the 404/405: meter it like any other.
-            # Its own handler is a bound method of itself, a reference cycle per 404; metering a
-            # plain raiser in its place lets refcounting free the route with the request.
-            _meter_route(match.route, unmatched, _raiser(match.http_exception))
-        return match
-
-    # an instance attribute shadows the method Application._handle calls
-    app.router.resolve = resolve_and_meter  # type: ignore[method-assign]
+    # after every real route: among the routes indexed under "/" it comes last
+    catch_all = app.router.add_route("*", UNMATCHED_PATH, _unmatched)
+    _meter_route(catch_all, stats.record_for(UNMATCHED))
 
 
-def _raiser(exc: web.HTTPException) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        raise exc
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """aiohttp's own answer to a request no route took: 405 if a route has the path, else 404."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:  # none of them matched, or this one would not run
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
-    return answer
 
-
-def _meter_route(
-    route: AbstractRoute, record: AnyRouteRecord, handler: Callable[..., Any] | None = None
-) -> None:
-    """Make `route` call `handler` (default: its own) driven step by step, recorded in `record`."""
-    if handler is None:
-        handler = route.handler
-    handler = cast(Any, handler)  # a coroutine function or a class-based view
+def _meter_route(route: AbstractRoute, record: AnyRouteRecord) -> None:
+    """Make `route` call its handler driven step by step, recorded in `record`."""
+    handler = cast(Any, route.handler)  # a coroutine function or a class-based view
     if speedups is not None and isinstance(record, speedups.RouteCounters):
         # a C callable: calls the handler, returns its coroutine wrapped in a StepDriver
         route._handler = speedups.Metered(handler, record, isinstance(handler, type))
@@ -113,12 +107,14 @@ def _meter_route(
     if isinstance(handler, type):  # a class-based view: awaitable, but not a coroutine
 
         def metered(request: web.Request) -> Awaitable[web.StreamResponse]:
-            return _metered(handler(request).__await__(), record)
+            request[STEPS] = steps = StepRecord()  # demo responses read their max_step_ms there
+            return _metered(handler(request).__await__(), record, steps)
 
     else:
 
         def metered(request: web.Request) -> Awaitable[web.StreamResponse]:
-            return _metered(handler(request), record)
+            request[STEPS] = steps = StepRecord()
+            return _metered(handler(request), record, steps)
 
     # aiohttp checks a handler only when the route is made; `metered` returns an awaitable
     # without a coroutine frame of its own, which is what `await route.handler(request)` needs
@@ -140,10 +136,10 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
 
 
 if speedups is not None:
-    # what the C driver sets for demo handlers to read; the errors that get a status of their own;
-    # the answer to a raised HTTPException, as `_metered_steps` answers it
+    # where the C driver stores itself for demo handlers to read; the errors that get a status of
+    # their own; the answer to a raised HTTPException, as `_metered_steps` answers it
     speedups.configure(
-        current_steps=current_steps,
+        steps_key=STEPS,
         http_exception=web.HTTPException,
         cancelled_error=asyncio.CancelledError,
         http_error_response=http_error_response,
@@ -153,14 +149,13 @@ if speedups is not None:
 def _metered_steps(
     coro: Coroutine[Any, Any, web.StreamResponse] | Generator[Any, Any, web.StreamResponse],
     record: AnyRouteRecord,
+    steps: StepRecord,
 ) -> Generator[Any, Any, web.StreamResponse]:
-    """Drive one request's handler step by step and record it into its route's `record`.
+    """Drive one request's handler step by step, timing it in `steps`, and record it in `record`.
 
     Stepping and accounting in one generator, so a request costs one generator frame here, not a
     chain of them. The C driver (app.monitor._stepdriver) does the same: keep the two in line.
     """
-    steps = StepRecord()
-    token = current_steps.set(steps)  # demo responses read their own max_step_ms through it
     record.in_flight += 1
     send = coro.send
     send_value: Any = None
@@ -204,8 +199,6 @@ def _metered_steps(
                 steps.max_step = ended - started
         record.in_flight -= 1
         record.add(status, ended - steps.started, steps.max_step)
-        with suppress(ValueError):  # finalized from another context (a Task dropped pending)
-            current_steps.reset(token)
 
 
 # generator-based: the wrapper adds one generator frame per request, not a coroutine plus an

@@ -10,7 +10,8 @@ untouched.
 Every request is driven this way, so the stepping is kept cheap (docs/benchmarks.md,
 "Instrumentation overhead"): a plain generator, per-step state in locals, two clock reads per
 step, inlined with the request's accounting. This module holds what a request's timing is read
-through: its `StepRecord` and the `current_steps` context variable.
+through: its `StepRecord`, stored in the request under `STEPS` (a request key, not a context
+variable: setting and resetting one cost more per request than storing a key).
 
 The request path has a C implementation too, `app.monitor._stepdriver` (an optional extension
 built at install; `extension()` says whether it runs). Without a compiler, or with
@@ -19,11 +20,12 @@ LOOP_LAB_NO_EXTENSIONS=1, the pure-Python code here and in middleware/routes run
 
 from __future__ import annotations
 
-import contextvars
 import os
 from time import perf_counter
 from types import ModuleType
 from typing import Protocol
+
+from aiohttp import web
 
 try:
     from app.monitor import _stepdriver
@@ -63,12 +65,10 @@ class StepRecord:
         return max(self.max_step, running)
 
 
-current_steps: contextvars.ContextVar[StepTiming | None] = contextvars.ContextVar(
-    "looplab_current_steps", default=None
-)
+STEPS: web.RequestKey[StepTiming] = web.RequestKey("looplab_steps")
 
 
-def current_max_step_ms() -> float:
-    """Longest step of the request being handled now, in ms (0 outside a profiled request)."""
-    record = current_steps.get()
-    return 0.0 if record is None else record.max_step_so_far() * 1000.0
+def current_max_step_ms(request: web.BaseRequest) -> float:
+    """Longest step so far of `request`, in ms, the running one included (0 if not profiled)."""
+    timing = request.get(STEPS)
+    return 0.0 if timing is None else timing.max_step_so_far() * 1000.0
