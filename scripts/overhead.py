@@ -1,8 +1,10 @@
 """What loop-lab's instrumentation costs: loop-lab vs a bare aiohttp server, measured with wrk.
 
 Both servers run at once, each a single process on the same loop, pinned to the same CPU; wrk
-runs on another CPU. Rounds alternate bare, loop-lab, bare, loop-lab on the same path, and each
-round's loop-lab/bare ratio is paired, so drift on a shared machine hits both sides of a ratio.
+runs on another CPU. Each round starts a fresh pair of servers (one process of the same code runs
+steadily a few percent faster or slower than the next), runs both on each path back to back (which
+goes first alternates by round), and pairs that round's loop-lab/bare ratio, so drift on a
+shared machine hits both sides of a ratio and the median is over server instances.
 
 Targets (median over rounds, per loop):
 - `/healthz`: loop-lab >= 0.95 x a bare hello-world handler.
@@ -355,32 +357,41 @@ def measure_loop(
     wrk: str, loop: str, options: Options, log_dir: Path, out: TextIO
 ) -> list[PathResult]:
     results = [PathResult(loop, path, target) for path, target in TARGETS.items()]
-    with ExitStack() as stack:
-        bare = stack.enter_context(
-            run_server(f"bare-{loop}", bare_command(loop, options.server_cpu), log_dir)
-        )
-        lab = stack.enter_context(
-            run_server(f"loop-lab-{loop}", lab_command(loop, options.server_cpu), log_dir)
-        )
-        print(f"[{loop}] bare {bare.url}  loop-lab {lab.url}", file=out, flush=True)
-        if options.warmup > 0:
-            for result in results:
-                for server in (bare, lab):
-                    run_wrk(
-                        wrk,
-                        server.url + result.path,
-                        options.warmup,
-                        options.connections,
-                        options.client_cpu,
-                    )
-        for round_no in range(1, options.rounds + 1):
-            for result in results:
-                pair: list[float] = []
-                sides = (
-                    (bare, result.bare_rps, result.bare_cpu_us),
-                    (lab, result.lab_rps, result.lab_cpu_us),
+    for round_no in range(1, options.rounds + 1):
+        # Fresh server processes every round: one instance of the same code runs a steady 2-5%
+        # faster or slower than another (hash seed, memory layout), as much as the gap measured,
+        # so the median must be over instances, not over runs of one.
+        with ExitStack() as stack:
+            bare = stack.enter_context(
+                run_server(
+                    f"bare-{loop}-{round_no}", bare_command(loop, options.server_cpu), log_dir
                 )
-                for server, rps_list, cpu_list in sides:
+            )
+            lab = stack.enter_context(
+                run_server(
+                    f"loop-lab-{loop}-{round_no}", lab_command(loop, options.server_cpu), log_dir
+                )
+            )
+            if round_no == 1:
+                print(f"[{loop}] bare {bare.url}  loop-lab {lab.url} (new each round)", file=out)
+            if options.warmup > 0:
+                for result in results:
+                    for server in (bare, lab):
+                        run_wrk(
+                            wrk,
+                            server.url + result.path,
+                            options.warmup,
+                            options.connections,
+                            options.client_cpu,
+                        )
+            # which side runs first alternates, so drift within a round favours neither
+            order = (
+                ((bare, "bare"), (lab, "lab")) if round_no % 2 else ((lab, "lab"), (bare, "bare"))
+            )
+            for result in results:
+                rps: dict[str, float] = {}
+                cpu: dict[str, float] = {}
+                for server, side in order:
                     cpu_before = cpu_seconds(server.process.pid)
                     run = run_wrk(
                         wrk,
@@ -395,18 +406,21 @@ def measure_loop(
                             f"{run.socket_errors} socket errors in {run.requests} requests"
                         )
                     cpu_after = cpu_seconds(server.process.pid)
-                    rps_list.append(run.rps)
-                    pair.append(run.rps)
+                    rps[side] = run.rps
                     if cpu_before is not None and cpu_after is not None:
-                        cpu_list.append((cpu_after - cpu_before) * 1e6 / run.requests)
+                        cpu[side] = (cpu_after - cpu_before) * 1e6 / run.requests
+                result.bare_rps.append(rps["bare"])
+                result.lab_rps.append(rps["lab"])
+                if len(cpu) == 2:
+                    result.bare_cpu_us.append(cpu["bare"])
+                    result.lab_cpu_us.append(cpu["lab"])
                 cpu_note = (
-                    f"  CPU µs/req {result.bare_cpu_us[-1]:.1f} vs {result.lab_cpu_us[-1]:.1f}"
-                    if result.cpu_ratios
-                    else ""
+                    f"  CPU µs/req {cpu['bare']:.1f} vs {cpu['lab']:.1f}" if len(cpu) == 2 else ""
                 )
                 print(
-                    f"[{loop}] round {round_no} {result.path:<16} bare {pair[0]:>9,.0f} rps  "
-                    f"loop-lab {pair[1]:>9,.0f} rps  ratio {pair[1] / pair[0]:.3f}{cpu_note}",
+                    f"[{loop}] round {round_no} {result.path:<16} bare {rps['bare']:>9,.0f} rps  "
+                    f"loop-lab {rps['lab']:>9,.0f} rps  ratio {rps['lab'] / rps['bare']:.3f}"
+                    f"{cpu_note}",
                     file=out,
                     flush=True,
                 )
@@ -427,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds per loop and path")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk before round 1")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of wrk on each fresh server before its round",
+    )
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated loops")
     parser.add_argument("--server-cpu", type=int, default=0, help="CPU both servers are pinned to")
