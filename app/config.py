@@ -144,8 +144,8 @@ _HELP: dict[str, str] = {
     "max_connections": "open connections before new ones get 503 (0 = fd limit minus a reserve)",
     "max_body_size": "largest request body in bytes; a larger Content-Length gets 413",
     "disable_blocking": "answer /block and /cpu with 403 (for shared deployments)",
-    "gc": "garbage collector: tuned (startup objects frozen, small young collections, full "
-    "collections 100x rarer), default (CPython as shipped) or off",
+    "gc": "garbage collector: tuned (startup objects frozen, young collections every 50 ms, "
+    "full collections 100x rarer), default (CPython as shipped) or off",
 }
 
 
