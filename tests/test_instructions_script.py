@@ -7,6 +7,7 @@ import io
 import pytest
 
 from scripts import instructions
+from scripts.overhead import BenchError
 
 VALGRIND_LOG = """\
 ==17057== Callgrind, a call-graph generating cache profiler
@@ -24,7 +25,7 @@ def test_collected_reads_the_exit_summary() -> None:
 
 def test_collected_without_a_summary_is_a_bench_error() -> None:
     """A valgrind log with no summary (the server died early) stops the measurement clearly."""
-    with pytest.raises(instructions.BenchError, match="Collected"):
+    with pytest.raises(BenchError, match="Collected"):
         instructions.collected("==1== Callgrind\n")
 
 
