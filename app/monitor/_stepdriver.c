@@ -32,6 +32,11 @@ static PyObject *cancelled_error_type = NULL;
 static PyObject *http_error_response = NULL;
 /* interned attribute names */
 static PyObject *str_status = NULL;
+/* aiohttp's own fields behind `StreamResponse.status` and the request's `__setitem__`: read and
+ * written directly, they spare every request two Python frames (a property and a method that
+ * warns about string keys). Where an aiohttp lacks them the public ways are used instead. */
+static PyObject *str__status = NULL;
+static PyObject *str__state = NULL;
 static PyObject *str_throw = NULL;
 static PyObject *str_close = NULL;
 
@@ -45,10 +50,15 @@ monotonic_now(void)
 
 /* ---- RouteCounters ------------------------------------------------------------------------ */
 
+#define STATUS_SLOTS 600 /* statuses 0..599 are counted in an array */
+
 typedef struct {
     PyObject_HEAD
     PyObject *route;
-    PyObject *statuses; /* dict: status -> count */
+    /* counts per status: HTTP's in an array (a dict update would allocate an int per request),
+     * any other in the dict; `statuses` merges them when read */
+    unsigned long long status_counts[STATUS_SLOTS];
+    PyObject *statuses; /* dict: status -> count, for statuses outside 0..STATUS_SLOTS-1 */
     Py_ssize_t in_flight;
     double max_step;
     double last_step;
@@ -127,6 +137,7 @@ counters_init(RouteCounters *self, PyObject *args, PyObject *kwds)
     Py_INCREF(route);
     Py_XSETREF(self->route, route);
     Py_XSETREF(self->statuses, statuses);
+    memset(self->status_counts, 0, sizeof(self->status_counts));
     self->in_flight = 0;
     self->max_step = self->last_step = self->duration_sum = self->step_sum = 0.0;
     return 0;
@@ -158,6 +169,10 @@ bucket_of(const double *bounds, Py_ssize_t n, double value)
 static int
 counters_add_status(RouteCounters *self, long status)
 {
+    if (status >= 0 && status < STATUS_SLOTS) {
+        self->status_counts[status]++;
+        return 0;
+    }
     PyObject *key = PyLong_FromLong(status);
     if (key == NULL) {
         return -1;
@@ -254,6 +269,32 @@ counts_list(const unsigned long long *counts, Py_ssize_t n)
     return list;
 }
 
+/* every status counted so far: status -> count (a new dict) */
+static PyObject *
+counters_get_statuses(RouteCounters *self, void *closure)
+{
+    PyObject *merged = self->statuses == NULL ? PyDict_New() : PyDict_Copy(self->statuses);
+    if (merged == NULL) {
+        return NULL;
+    }
+    for (long status = 0; status < STATUS_SLOTS; status++) {
+        if (self->status_counts[status] == 0) {
+            continue;
+        }
+        PyObject *key = PyLong_FromLong(status);
+        PyObject *value = PyLong_FromUnsignedLongLong(self->status_counts[status]);
+        if (key == NULL || value == NULL || PyDict_SetItem(merged, key, value) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            Py_DECREF(merged);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+    }
+    return merged;
+}
+
 static PyObject *
 counters_get_duration_buckets(RouteCounters *self, void *closure)
 {
@@ -274,7 +315,6 @@ static PyMethodDef counters_methods[] = {
 
 static PyMemberDef counters_members[] = {
     {"route", T_OBJECT, offsetof(RouteCounters, route), READONLY, NULL},
-    {"statuses", T_OBJECT, offsetof(RouteCounters, statuses), READONLY, NULL},
     {"in_flight", T_PYSSIZET, offsetof(RouteCounters, in_flight), 0, NULL},
     {"max_step", T_DOUBLE, offsetof(RouteCounters, max_step), 0, NULL},
     {"last_step", T_DOUBLE, offsetof(RouteCounters, last_step), 0, NULL},
@@ -284,6 +324,8 @@ static PyMemberDef counters_members[] = {
 };
 
 static PyGetSetDef counters_getset[] = {
+    {"statuses", (getter)counters_get_statuses, NULL,
+     "Requests answered per status: status -> count (a copy).", NULL},
     {"duration_buckets", (getter)counters_get_duration_buckets, NULL,
      "Non-cumulative counts per duration bucket; the last is +Inf (a copy).", NULL},
     {"step_buckets", (getter)counters_get_step_buckets, NULL,
@@ -438,6 +480,44 @@ answer_http_error(long *code, PyObject **response)
 /* The request ended at `ended`: close its last step and account it. Keeps the
  * exception being raised, if any; returns -1 with an exception set only if accounting failed and
  * none was being raised. */
+/* response.status (a new reference), read from aiohttp's `_status` field where it has one */
+static PyObject *
+response_status(PyObject *response)
+{
+    PyObject *attr = PyObject_GetAttr(response, str__status);
+    if (attr != NULL && PyLong_CheckExact(attr)) {
+        return attr;
+    }
+    if (attr == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    Py_XDECREF(attr);
+    return PyObject_GetAttr(response, str_status);
+}
+
+/* request[key] = value, into the request's own `_state` dict where it has one */
+static int
+store_in_request(PyObject *request, PyObject *key, PyObject *value)
+{
+    PyObject *state = PyObject_GetAttr(request, str__state);
+    if (state != NULL && PyDict_CheckExact(state)) {
+        int rc = PyDict_SetItem(state, key, value);
+        Py_DECREF(state);
+        return rc;
+    }
+    if (state == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+    }
+    Py_XDECREF(state);
+    return PyObject_SetItem(request, key, value);
+}
+
 static int
 driver_finish(StepDriver *self, long status, double ended)
 {
@@ -562,7 +642,7 @@ driver_step(StepDriver *self, PyObject *arg, PyObject *throw_args, PyObject **re
     }
     long code;
     if (status == PYGEN_RETURN) {
-        PyObject *attr = PyObject_GetAttr(*result, str_status);
+        PyObject *attr = response_status(*result);
         if (attr == NULL) {
             code = 500;
             Py_CLEAR(*result);
@@ -920,7 +1000,7 @@ metered_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
     Py_DECREF(coro);
     /* demo responses read their own max_step_ms through it */
     if (driver != NULL && steps_key != NULL && PyVectorcall_NARGS(nargsf) >= 1 &&
-        PyObject_SetItem(args[0], steps_key, driver) < 0) {
+        store_in_request(args[0], steps_key, driver) < 0) {
         Py_CLEAR(driver);
     }
     return driver;
@@ -1035,9 +1115,12 @@ PyInit__stepdriver(void)
 {
     if (str_status == NULL) {
         str_status = PyUnicode_InternFromString("status");
+        str__status = PyUnicode_InternFromString("_status");
+        str__state = PyUnicode_InternFromString("_state");
         str_throw = PyUnicode_InternFromString("throw");
         str_close = PyUnicode_InternFromString("close");
-        if (str_status == NULL || str_throw == NULL || str_close == NULL) {
+        if (str_status == NULL || str__status == NULL || str__state == NULL || str_throw == NULL ||
+            str_close == NULL) {
             return NULL;
         }
     }
