@@ -272,6 +272,17 @@ def _suspend_once(value: Any) -> Generator[Any, Any, Any]:
     return sent
 
 
+def test_statuses_count_past_small_ints_and_outside_http(implementation: str) -> None:
+    """Counts per status stay exact past 256 (Python's cached ints) and for any status number."""
+    record, _ = _driver(implementation)
+    for _ in range(300):
+        record.add(200, 0.001, 0.001)
+    record.add(999, 0.001, 0.001)
+    record.add(1000, 0.001, 0.001)
+    record.add(200, 0.001, 0.001)
+    assert dict(record.statuses) == {200: 301, 999: 1, 1000: 1}
+
+
 def test_values_pass_through_both_ways(implementation: str) -> None:
     """What the handler yields reaches the caller; what the caller sends reaches the handler."""
     record, wrap = _driver(implementation)
