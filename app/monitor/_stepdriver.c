@@ -477,9 +477,6 @@ answer_http_error(long *code, PyObject **response)
     return *response == NULL ? -1 : 1;
 }
 
-/* The request ended at `ended`: close its last step and account it. Keeps the
- * exception being raised, if any; returns -1 with an exception set only if accounting failed and
- * none was being raised. */
 /* response.status (a new reference), read from aiohttp's `_status` field where it has one */
 static PyObject *
 response_status(PyObject *response)
@@ -518,6 +515,9 @@ store_in_request(PyObject *request, PyObject *key, PyObject *value)
     return PyObject_SetItem(request, key, value);
 }
 
+/* The request ended at `ended`: close its last step and account it. Keeps the
+ * exception being raised, if any; returns -1 with an exception set only if accounting failed and
+ * none was being raised. */
 static int
 driver_finish(StepDriver *self, long status, double ended)
 {
