@@ -164,13 +164,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         help_text = f"{_HELP[f.name]} (env {env_name(f.name)}, default {default})"
         if f.type == "bool" or isinstance(default, bool):
-            parser.add_argument(
+            # --no-X as well, so a flag can switch off what an env var switched on
+            switch = parser.add_mutually_exclusive_group()
+            switch.add_argument(
                 flag_name(f.name),
                 dest=f.name,
                 action="store_const",
                 const="true",
                 default=None,
                 help=help_text,
+            )
+            switch.add_argument(
+                "--no-" + flag_name(f.name)[2:],
+                dest=f.name,
+                action="store_const",
+                const="false",
+                default=None,
+                help=f"turn {flag_name(f.name)} off, whatever {env_name(f.name)} says",
             )
         else:
             metavar = "|".join(LOOP_NAMES) if f.name == "loop" else None

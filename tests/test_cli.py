@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from app.cli import build_parser
 from app.config import SettingError, Settings, build_settings
 
 SERVING = re.compile(r"serving on (http://\S+) \(loop=(\w+), pid=(\d+)")
@@ -107,6 +108,18 @@ def test_flags_win_over_env_over_defaults() -> None:
     assert Settings().host == "127.0.0.1"
     with pytest.raises(SettingError, match="LOOP_LAB_PORT"):
         build_settings({}, {"LOOP_LAB_PORT": "x"})
+
+
+def test_no_flag_switches_off_what_env_switched_on() -> None:
+    """--no-debug / --no-access-log win over LOOP_LAB_DEBUG=1 / LOOP_LAB_ACCESS_LOG=1."""
+    parser = build_parser()
+    env = {"LOOP_LAB_DEBUG": "1", "LOOP_LAB_ACCESS_LOG": "1"}
+    args = parser.parse_args(["serve", "--no-debug", "--no-access-log"])
+    settings = build_settings(vars(args), env)
+    assert settings.debug is False
+    assert settings.access_log is False
+    assert build_settings(vars(parser.parse_args(["serve"])), env).debug is True
+    assert build_settings(vars(parser.parse_args(["serve", "--debug"])), {}).debug is True
 
 
 async def _json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
