@@ -45,10 +45,10 @@ BAD_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def quick_server() -> Iterator[ServerThread]:
-    """One asyncio server for the module, with short delays so valid fuzz input stays fast."""
-    with running_server("asyncio", max_delay=0.05) as server:
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def quick_server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """One server per loop for the module, with short delays so valid fuzz input stays fast."""
+    with running_server(request.param, max_delay=0.05) as server:
         yield server
 
 
