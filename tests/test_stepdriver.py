@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from app.application import create_app
 from app.config import Settings
@@ -26,7 +27,13 @@ from app.keys import MONITOR
 from app.loops import LoopName, loop_factory
 from app.monitor import middleware
 from app.monitor.routes import FastRouteRecord, RouteRecord, RouteStats
-from app.monitor.steps import NO_EXTENSIONS_ENV, StepRecord, current_max_step_ms, speedups
+from app.monitor.steps import (
+    NO_EXTENSIONS_ENV,
+    STEPS,
+    StepRecord,
+    current_max_step_ms,
+    speedups,
+)
 from tests.servers import running_server
 
 IMPLEMENTATIONS = ("c", "python")
@@ -281,6 +288,41 @@ def test_statuses_count_past_small_ints_and_outside_http(implementation: str) ->
     record.add(1000, 0.001, 0.001)
     record.add(200, 0.001, 0.001)
     assert dict(record.statuses) == {200: 301, 999: 1, 1000: 1}
+
+
+class _Store(dict[Any, Any]):
+    """A request stand-in with no aiohttp `_state` (or one that is not a dict)."""
+
+    def __init__(self, state: Any = None, *, has_state: bool = True) -> None:
+        super().__init__()
+        if has_state:
+            self._state = state
+
+
+@pytest.mark.parametrize(
+    "request_like",
+    [
+        pytest.param(lambda: make_mocked_request("GET", "/x"), id="aiohttp-request"),
+        pytest.param(lambda: _Store(has_state=False), id="no-_state"),
+        pytest.param(lambda: _Store(state=["not", "a", "dict"]), id="_state-not-a-dict"),
+    ],
+)
+def test_c_driver_stores_itself_and_reads_real_statuses(request_like: Callable[[], Any]) -> None:
+    """Metered puts its driver under STEPS, in aiohttp's request or via [] on anything else."""
+    if speedups is None:
+        pytest.skip("app.monitor._stepdriver was not built (no C compiler at install)")
+    record = FastRouteRecord("/x")
+
+    async def handler(request: Any) -> web.Response:
+        return web.Response(status=203)
+
+    request = request_like()
+    driver = speedups.Metered(handler, record, False)(request)
+    assert request[STEPS] is driver
+    with pytest.raises(StopIteration) as stop:
+        driver.send(None)
+    assert stop.value.value.status == 203
+    assert dict(record.statuses) == {203: 1}
 
 
 def test_values_pass_through_both_ways(implementation: str) -> None:

@@ -34,7 +34,7 @@ static PyObject *http_error_response = NULL;
 static PyObject *str_status = NULL;
 /* aiohttp's own fields behind `StreamResponse.status` and the request's `__setitem__`: read and
  * written directly, they spare every request two Python frames (a property and a method that
- * warns about string keys). Where an aiohttp lacks them the public ways are used instead. */
+ * warns about string keys). Should a later aiohttp rename them, the public ways are used. */
 static PyObject *str__status = NULL;
 static PyObject *str__state = NULL;
 static PyObject *str_throw = NULL;
