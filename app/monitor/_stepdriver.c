@@ -58,6 +58,9 @@ typedef struct {
     /* counts per status: HTTP's in an array (a dict update would allocate an int per request),
      * any other in the dict; `statuses` merges them when read */
     unsigned long long status_counts[STATUS_SLOTS];
+    /* the array's statuses in the order first seen, so reading walks only those */
+    short seen_statuses[STATUS_SLOTS];
+    Py_ssize_t n_seen_statuses;
     PyObject *statuses; /* dict: status -> count, for statuses outside 0..STATUS_SLOTS-1 */
     Py_ssize_t in_flight;
     double max_step;
@@ -138,6 +141,7 @@ counters_init(RouteCounters *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->route, route);
     Py_XSETREF(self->statuses, statuses);
     memset(self->status_counts, 0, sizeof(self->status_counts));
+    self->n_seen_statuses = 0;
     self->in_flight = 0;
     self->max_step = self->last_step = self->duration_sum = self->step_sum = 0.0;
     return 0;
@@ -170,7 +174,9 @@ static int
 counters_add_status(RouteCounters *self, long status)
 {
     if (status >= 0 && status < STATUS_SLOTS) {
-        self->status_counts[status]++;
+        if (self->status_counts[status]++ == 0) {
+            self->seen_statuses[self->n_seen_statuses++] = (short)status;
+        }
         return 0;
     }
     PyObject *key = PyLong_FromLong(status);
@@ -277,10 +283,8 @@ counters_get_statuses(RouteCounters *self, void *closure)
     if (merged == NULL) {
         return NULL;
     }
-    for (long status = 0; status < STATUS_SLOTS; status++) {
-        if (self->status_counts[status] == 0) {
-            continue;
-        }
+    for (Py_ssize_t i = 0; i < self->n_seen_statuses; i++) {
+        long status = self->seen_statuses[i];
         PyObject *key = PyLong_FromLong(status);
         PyObject *value = PyLong_FromUnsignedLongLong(self->status_counts[status]);
         if (key == NULL || value == NULL || PyDict_SetItem(merged, key, value) < 0) {
@@ -477,42 +481,46 @@ answer_http_error(long *code, PyObject **response)
     return *response == NULL ? -1 : 1;
 }
 
+/* obj.name (a new reference); NULL without an error set if obj has no such attribute */
+static PyObject *
+optional_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *attr = PyObject_GetAttr(obj, name);
+    if (attr == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return attr;
+}
+
 /* response.status (a new reference), read from aiohttp's `_status` field where it has one */
 static PyObject *
 response_status(PyObject *response)
 {
-    PyObject *attr = PyObject_GetAttr(response, str__status);
+    PyObject *attr = optional_attr(response, str__status);
     if (attr != NULL && PyLong_CheckExact(attr)) {
         return attr;
     }
-    if (attr == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return NULL;
-        }
-        PyErr_Clear();
-    }
     Py_XDECREF(attr);
-    return PyObject_GetAttr(response, str_status);
+    return PyErr_Occurred() ? NULL : PyObject_GetAttr(response, str_status);
 }
 
 /* request[key] = value, into the request's own `_state` dict where it has one */
 static int
 store_in_request(PyObject *request, PyObject *key, PyObject *value)
 {
-    PyObject *state = PyObject_GetAttr(request, str__state);
+    PyObject *state = optional_attr(request, str__state);
+    int rc;
     if (state != NULL && PyDict_CheckExact(state)) {
-        int rc = PyDict_SetItem(state, key, value);
-        Py_DECREF(state);
-        return rc;
+        rc = PyDict_SetItem(state, key, value);
     }
-    if (state == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return -1;
-        }
-        PyErr_Clear();
+    else if (PyErr_Occurred()) {
+        rc = -1;
+    }
+    else {
+        rc = PyObject_SetItem(request, key, value);
     }
     Py_XDECREF(state);
-    return PyObject_SetItem(request, key, value);
+    return rc;
 }
 
 /* The request ended at `ended`: close its last step and account it. Keeps the
