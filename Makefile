@@ -17,8 +17,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# the C step driver is compiled by this install: a changed source reinstalls (rebuilds) it
-$(STAMP): pyproject.toml app/monitor/_stepdriver.c | $(BIN)/python
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -66,4 +65,4 @@ overhead: $(STAMP)
 	$(BIN)/python scripts/overhead.py $(OVERHEAD_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache app/monitor/_stepdriver.*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

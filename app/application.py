@@ -12,11 +12,12 @@ from app import (
     blocking,
     cpu,
     dashboard,
+    endpoints,
     events,
     gathering,
     gctune,
     health,
-    index,
+    metrics,
     offload,
     scheduling,
     stats,
@@ -25,8 +26,7 @@ from app import (
 from app.config import Settings
 from app.executors import Executors
 from app.keys import EXECUTORS, SETTINGS
-from app.monitor.middleware import instrument
-from app.monitor.monitor import monitor_ctx
+from app.monitor import monitor
 
 SLOW_CALLBACK_S = 0.05  # what asyncio debug mode reports as a slow callback
 
@@ -57,8 +57,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
     # bodies are bounded for handlers that read them; app.guard answers a larger Content-Length
     app = web.Application(client_max_size=settings.max_body_size)
     app[SETTINGS] = settings
-    instrument(app)  # every route is counted and step-profiled (wrapped at startup)
-    app.cleanup_ctx.extend([debug_ctx, monitor_ctx, executors_ctx])
+    app.cleanup_ctx.append(debug_ctx)
+    monitor.setup(app)  # every request is counted and step-profiled by its middleware
+    app.cleanup_ctx.append(executors_ctx)
     for module in (
         awaiting,
         blocking,
@@ -69,7 +70,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
         threadsafe,
         health,
         stats,
-        index,
+        metrics,
+        endpoints,
         dashboard,
     ):
         app.add_routes(module.routes)

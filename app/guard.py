@@ -23,9 +23,8 @@ forwarded through a wrapper; the head timer is armed only while a request head i
 connection that has sent a request with a body (GET /healthz never has one); the JSON 500 lives in
 aiohttp's error path (`handle_error`); the Server header is aiohttp's own default, renamed.
 
-That needs private parts of aiohttp 3.14's `RequestHandler` and `Server` (`HANDLER_SLOTS`,
-`SERVER_ATTRIBUTES`). `check_aiohttp_internals()` runs when a guard is built and stops the server
-with a clear error if an aiohttp upgrade removed one; tests/test_guard.py pins their behaviour.
+That needs private parts of aiohttp 3.14, named in one list, `PRIVATE_NAMES`: the only private
+names the project uses. The protocol also counts the server's connections (`ConnectionTracker`).
 """
 
 from __future__ import annotations
@@ -42,8 +41,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_urldispatcher import AbstractRoute, MatchInfoError
 
 from app.monitor.accept import AcceptMonitor
+from app.monitor.connections import ConnectionTracker
 
 log = logging.getLogger("loop_lab.guard")
 
@@ -54,26 +55,60 @@ LATE_S = 0.25
 SECOND_CHANCE_S = 1.0
 REFUSE_LINGER_S = 2.0  # a refused client gets this long to read its 503 before the close
 
-# The private aiohttp names the guard relies on; an aiohttp upgrade that drops one must fail loudly.
-# RequestHandler: per-connection state GuardedConnection reads (and `_request_handler`, which
-# start() reads again for every request, it sets); Server: what Server.__call__ builds a handler
-# with; web_response: the default Server header that StreamResponse._prepare_headers sends.
-HANDLER_SLOTS = ("_request_count", "_messages", "_request_in_progress", "_request_handler")
-SERVER_ATTRIBUTES = ("_kwargs", "_loop")
+# Every private name of aiohttp or CPython the project relies on; each is used in this module
+# only. `check_private_names()` runs when a guard is built and stops the server with an error
+# naming what an upgrade removed; tests/test_guard.py runs it too, so CI fails loudly first.
+PRIVATE_NAMES: tuple[tuple[str, str, str], ...] = (
+    # (owner, name, why)
+    ("aiohttp.web.RequestHandler", "_request_count", "request heads parsed: the head timer"),
+    ("aiohttp.web.RequestHandler", "_messages", "requests parsed, not yet handled"),
+    ("aiohttp.web.RequestHandler", "_request_in_progress", "a request is being handled"),
+    ("aiohttp.web.RequestHandler", "_request_handler", "set to screen bodies (413, CONNECT)"),
+    ("aiohttp.web.Server", "_kwargs", "the runner's settings a RequestHandler is built with"),
+    ("aiohttp.web.BaseSite", "_server", "what BaseSite.stop() closes when draining starts"),
+    ("aiohttp.web_response", "SERVER_SOFTWARE", "the default Server header, renamed"),
+    ("aiohttp SystemRoute", "_handler", "a 404/405's route refers to itself: cleared"),
+    # CPython 3.11's selector transport; absent on uvloop, where there is nothing to clear
+    ("asyncio selector transport", "_read_ready_cb", "cleared at close: one cycle less"),
+)
+_SYSTEM_ROUTE_HANDLER = "_handler"  # the SystemRoute entry of PRIVATE_NAMES
 
 
-def check_aiohttp_internals(server: web.Server) -> None:
-    """Raise RuntimeError naming what is missing if this aiohttp lacks what the guard uses."""
-    slots = set(web.RequestHandler.__slots__)
-    missing = [f"RequestHandler.{name}" for name in HANDLER_SLOTS if name not in slots]
-    missing += [f"Server.{name}" for name in SERVER_ATTRIBUTES if not hasattr(server, name)]
-    if not isinstance(getattr(aiohttp.web_response, "SERVER_SOFTWARE", None), str):
-        missing.append("web_response.SERVER_SOFTWARE")
+def check_private_names(server: web.Server) -> None:
+    """Raise RuntimeError naming what is missing if aiohttp lacks a name in PRIVATE_NAMES."""
+    present = {
+        "aiohttp.web.RequestHandler": set(web.RequestHandler.__slots__),
+        "aiohttp.web.Server": set(vars(server)),
+        "aiohttp.web.BaseSite": set(web.BaseSite.__slots__),
+        "aiohttp.web_response": set(vars(aiohttp.web_response)),
+        "aiohttp SystemRoute": set(vars(_unmatched_route())),
+    }
+    missing = [
+        f"{owner}.{name}"
+        for owner, name, _ in PRIVATE_NAMES
+        if owner in present and name not in present[owner]
+    ]
     if missing:
         raise RuntimeError(
             f"aiohttp {aiohttp.__version__} lacks what app/guard.py relies on "
             f"({', '.join(missing)}); the connection guard must be updated for it"
         )
+
+
+def _unmatched_route() -> AbstractRoute:
+    """The route aiohttp's router gives a request no route takes (a new one per request)."""
+    return MatchInfoError(web.HTTPNotFound()).route
+
+
+def release_unmatched_route(route: AbstractRoute) -> None:
+    """Break the reference cycle aiohttp makes for every 404/405.
+
+    The route aiohttp's router makes for a request no route takes (a SystemRoute) keeps a bound
+    method of itself as its handler: route -> method -> route, which only a garbage-collector pass
+    frees, with the HTTPException it holds. Call it once aiohttp has taken the handler out
+    (middlewares are given it): the route then no longer needs it.
+    """
+    setattr(route, _SYSTEM_ROUTE_HANDLER, None)
 
 
 def hide_server_version() -> None:
@@ -103,17 +138,17 @@ class ConnectionGuard:
         self,
         server: web.Server,
         accept: AcceptMonitor,
-        open_connections: Callable[[], int],
+        connections: ConnectionTracker,
         *,
         header_timeout: float,
         max_connections: int,
         max_body_size: int,
         linger_slots: int = 64,
     ) -> None:
-        check_aiohttp_internals(server)
+        check_private_names(server)
         self.server = server
         self.accept = accept
-        self.open_connections = open_connections
+        self.connections = connections
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.max_body_size = max_body_size
@@ -170,7 +205,15 @@ _feed = web.RequestHandler.data_received
 class GuardedConnection(web.RequestHandler):
     """aiohttp's RequestHandler for one connection, plus the head timer and the screening."""
 
-    __slots__ = ("_app_handler", "_armed_count", "_deadline", "_guard", "_head_bytes", "_timer")
+    __slots__ = (
+        "_app_handler",
+        "_armed_count",
+        "_counted",
+        "_deadline",
+        "_guard",
+        "_head_bytes",
+        "_timer",
+    )
 
     def __init__(self, guard: ConnectionGuard) -> None:
         super().__init__(guard.server, loop=guard.loop, **guard.handler_kwargs)
@@ -182,16 +225,19 @@ class GuardedConnection(web.RequestHandler):
         self._deadline = 0.0
         self._armed_count = 0  # request heads completed when the timer was armed
         self._head_bytes = False  # bytes of the unfinished head have arrived
+        self._counted = False  # counted as an open connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
-        open_now = guard.open_connections()
+        open_now = guard.connections.open
         if open_now >= guard.max_connections:
             refused = RefusedConnection(guard, open_now)
             transport.set_protocol(refused)  # this handler never serves; the refusal owns it now
             refused.connection_made(transport)
             return
         super().connection_made(transport)
+        guard.connections.opened()
+        self._counted = True
         guard.accept.admitted()
         if guard.header_timeout > 0:
             self._arm(guard.header_timeout, head_bytes=False)
@@ -225,6 +271,9 @@ class GuardedConnection(web.RequestHandler):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._counted:
+            self._counted = False
+            self._guard.connections.closed()
         transport = self.transport
         super().connection_lost(exc)
         # CPython 3.11's selector transport keeps a bound method of itself (`_read_ready_cb`) and
@@ -380,18 +429,20 @@ def connection_limit(fd_limit: int, fds_in_use: int) -> int:
 class GuardedSite(web.SockSite):
     """A SockSite whose connections go through the guard's protocol."""
 
-    __slots__ = ("_guard",)
+    __slots__ = ("_guard", "_listen_backlog", "_listen_sock")
 
     def __init__(
         self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard, backlog: int
     ) -> None:
         super().__init__(runner, sock, backlog=backlog)
         self._guard = guard
+        self._listen_sock = sock
+        self._listen_backlog = backlog
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner, as SockSite does
         loop = asyncio.get_running_loop()
         # BaseSite.stop() closes `_server`: that is what stops accepting when draining starts
         self._server = await loop.create_server(
-            self._guard.protocol, sock=self._sock, backlog=self._backlog
+            self._guard.protocol, sock=self._listen_sock, backlog=self._listen_backlog
         )

@@ -29,7 +29,3 @@ def new_event_loop(name: LoopName) -> asyncio.AbstractEventLoop:
 def loop_name(loop: asyncio.AbstractEventLoop) -> LoopName:
     """Name the loop by its real class, never by the flag that asked for it."""
     return "uvloop" if type(loop).__module__.split(".")[0] == "uvloop" else "asyncio"
-
-
-def running_loop_name() -> LoopName:
-    return loop_name(asyncio.get_running_loop())

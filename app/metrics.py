@@ -1,13 +1,23 @@
-"""Prometheus metrics, one registry per app so tests and workers never share state."""
+"""Prometheus metrics and `/metrics`: a registry per app, so tests and workers never share one."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from app.keys import METRICS
 
 # Loop lag lives between "fine" (<1 ms) and "the loop was frozen for seconds".
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -30,7 +40,7 @@ class Metrics:
             registry=r,
         )
         # looplab_requests_total, looplab_request_duration_seconds and
-        # looplab_handler_step_seconds are per-request, so app.monitor.routes.RouteStats
+        # looplab_handler_step_seconds are per-request, so app.monitor.route_stats.RouteStats
         # counts them without locks and exports them at scrape time (bucket bounds below).
         self.loop_info = Gauge(
             "looplab_loop_info",
@@ -89,3 +99,12 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "looplab_process_rss_bytes", "Resident set size of this process.", value=v.rss_bytes
         )
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/metrics")
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

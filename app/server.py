@@ -162,7 +162,6 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         server = runner.server
         assert server is not None
         monitor = app[MONITOR]
-        monitor.connections.attach(server)
         sock = listen_socket(settings.host, settings.port, settings.backlog, reuse_port)
         fd_limit = _fd_soft_limit()
         max_connections = settings.max_connections or connection_limit(fd_limit, open_fds())
@@ -171,7 +170,7 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
         guard = ConnectionGuard(
             server,
             monitor.accept,
-            lambda: monitor.connections.open,
+            monitor.connections,
             header_timeout=settings.header_timeout,
             max_connections=max_connections,
             max_body_size=settings.max_body_size,

@@ -1,13 +1,12 @@
-"""`/stats` (JSON snapshot of the monitor) and `/metrics` (Prometheus text exposition)."""
+"""`/stats`: a JSON snapshot of the monitor (the dashboard's stream sends the same)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.keys import EXECUTORS, GC, METRICS, MONITOR
+from app.keys import EXECUTORS, GC, MONITOR
 
 routes = web.RouteTableDef()
 
@@ -28,7 +27,6 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "connections": monitor.connections.as_dict(),
         "accept": monitor.accept.as_dict(),
         "routes": monitor.routes.as_dict(),
-        "step_profiler": monitor.routes.implementation,  # "c" (the extension) or "python"
         "longest_step": None
         if longest is None
         else {"route": longest[0], "max_step_ms": round(longest[1], 3)},
@@ -44,9 +42,3 @@ def snapshot(app: web.Application) -> dict[str, Any]:
 @routes.get("/stats")
 async def stats_handler(request: web.Request) -> web.Response:
     return web.json_response(snapshot(request.app))
-
-
-@routes.get("/metrics")
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -31,7 +31,7 @@ from app.application import create_app  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.keys import MONITOR  # noqa: E402
 from app.loops import LOOP_NAMES  # noqa: E402
-from app.monitor.routes import RouteStats  # noqa: E402
+from app.monitor.route_stats import RouteStats  # noqa: E402
 from app.server import DrainingRunner, start_server  # noqa: E402
 from tests.reliability_support import (  # noqa: E402
     ServeProcess,

@@ -81,10 +81,6 @@ class LagSampler:
         self._due = now + self.interval
         self._handle = loop.call_at(self._due, self._tick)
 
-    def current_stall(self) -> float:
-        """Seconds since the loop last ran our timer beyond the expected interval (0 if healthy)."""
-        return max(0.0, time.monotonic() - self.heartbeat - self.interval)
-
     def summary(self, window: float | None = None) -> LagSummary:
         """p50/p99/max over the last `window` seconds."""
         horizon = time.monotonic() - (self.window if window is None else window)

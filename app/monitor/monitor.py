@@ -1,4 +1,8 @@
-"""The monitor: loop lag, per-route steps, connections and the stall watchdog, started per app."""
+"""The monitor: loop lag, per-route steps, connections and the stall watchdog, one per app.
+
+`setup(app)` makes it when the app is made (the request middleware must be in place before the
+app is frozen) and starts and stops its timer and thread with the app (a cleanup_ctx).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from app.metrics import LiveValues, Metrics
 from app.monitor.accept import AcceptMonitor
 from app.monitor.connections import ConnectionTracker
 from app.monitor.lag import LagSampler
+from app.monitor.middleware import request_middleware
 from app.monitor.process import peak_rss_bytes, rss_bytes
-from app.monitor.routes import RouteStats
+from app.monitor.route_stats import RouteStats
 from app.monitor.watchdog import StallWatchdog
 
 
@@ -27,6 +32,7 @@ class Monitor:
         self.lag = LagSampler(observe=metrics.loop_lag.observe)
         self.routes = RouteStats()
         metrics.registry.register(self.routes)  # exports the per-route request families
+        self.middleware = request_middleware(self.routes)
         self.connections = ConnectionTracker()
         self.accept = AcceptMonitor()  # fd exhaustion, connection cap, header timeouts
         self.stall_threshold = stall_threshold
@@ -64,13 +70,17 @@ class Monitor:
         return peak_rss_bytes()
 
 
-async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: metrics + monitor live exactly as long as the app runs."""
-    settings = app[SETTINGS]
-    metrics = Metrics()
-    monitor = Monitor(metrics, settings.stall_threshold)
-    app[METRICS] = metrics
+def setup(app: web.Application) -> None:
+    """Make the app's monitor, put its middleware first, and run it while the app runs."""
+    monitor = Monitor(Metrics(), app[SETTINGS].stall_threshold)
+    app[METRICS] = monitor.metrics
     app[MONITOR] = monitor
+    app.middlewares.insert(0, monitor.middleware)  # outermost: it times what the others add
+    app.cleanup_ctx.append(_monitor_ctx)
+
+
+async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    monitor = app[MONITOR]
 
     def live() -> LiveValues:
         executors = app.get(EXECUTORS)
@@ -82,8 +92,8 @@ async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
             rss_bytes=monitor.rss(),
         )
 
-    metrics.register_live(live)
-    monitor.accept.register(metrics.registry)
+    monitor.metrics.register_live(live)
+    monitor.accept.register(monitor.metrics.registry)
     monitor.start(asyncio.get_running_loop())
     try:
         yield

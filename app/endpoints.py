@@ -27,7 +27,7 @@ ENDPOINTS: tuple[tuple[str, str], ...] = (
 )
 
 
-def render_index(host: str) -> str:
+def render_endpoints(host: str) -> str:
     rows = "\n".join(
         f"<tr><td><a href='{html.escape(path)}'>{html.escape(path.split('?')[0])}</a></td>"
         f"<td>{html.escape(what)}</td>"
@@ -47,5 +47,5 @@ def render_index(host: str) -> str:
 
 
 @routes.get("/endpoints")
-async def index_handler(request: web.Request) -> web.Response:
-    return web.Response(text=render_index(request.host), content_type="text/html")
+async def endpoints_handler(request: web.Request) -> web.Response:
+    return web.Response(text=render_endpoints(request.host), content_type="text/html")

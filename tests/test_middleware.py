@@ -1,14 +1,11 @@
-"""The step driver, C extension and pure-Python fallback: same figures, same coroutine semantics."""
+"""The request middleware: its figures on real sockets, and its driver's coroutine semantics."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import logging
-import shutil
 import socket
 import sys
-import sysconfig
 import time
 import tracemalloc
 import weakref
@@ -19,54 +16,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 from app.application import create_app
 from app.config import Settings
 from app.keys import MONITOR
 from app.loops import LoopName, loop_factory
 from app.monitor import middleware
-from app.monitor.routes import FastRouteRecord, RouteRecord, RouteStats
-from app.monitor.steps import (
-    NO_EXTENSIONS_ENV,
-    STEPS,
-    StepRecord,
-    current_max_step_ms,
-    speedups,
-)
+from app.monitor.route_stats import RouteRecord
+from app.monitor.steps import StepRecord, current_max_step_ms
 from tests.servers import running_server
 
-IMPLEMENTATIONS = ("c", "python")
 BLOCK_S = 0.08
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
-def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test with the C step driver and again with the pure-Python fallback."""
-    name: str = request.param
-    if name == "c":
-        if speedups is None:
-            pytest.skip("app.monitor._stepdriver was not built (no C compiler at install)")
-        monkeypatch.delenv(NO_EXTENSIONS_ENV, raising=False)
-    else:
-        monkeypatch.setenv(NO_EXTENSIONS_ENV, "1")
-    return name
-
-
-def test_extension_is_built_where_a_compiler_exists() -> None:
-    """Where a C compiler exists the install built the extension (no silent fallback)."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}): the pure-Python driver is the one that runs")
-    assert speedups is not None, "pip install did not build app.monitor._stepdriver"
-
-
-def test_env_switch_picks_the_implementation(implementation: str) -> None:
-    """LOOP_LAB_NO_EXTENSIONS=1 gives pure-Python records; otherwise the C ones."""
-    stats = RouteStats()
-    assert stats.implementation == implementation
-    kind = FastRouteRecord if implementation == "c" else RouteRecord
-    assert type(stats.record_for("/x")) is kind
 
 
 # ---- a small app of our own, on a real socket, on either loop --------------------------------
@@ -168,8 +128,8 @@ async def _exercise(app: web.Application, url: str, hung: asyncio.Event) -> dict
     return answers
 
 
-def test_same_figures_on_real_sockets(implementation: str, loop_name: LoopName) -> None:
-    """Steps, statuses (409, 500, 404, 499), views and in-flight are recorded alike by both."""
+def test_same_figures_on_real_sockets(loop_name: LoopName) -> None:
+    """Steps, statuses (409, 500, 404, 499), views and in-flight are recorded on either loop."""
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
         async with _serving() as (app, url, hung):
@@ -180,7 +140,6 @@ def test_same_figures_on_real_sockets(implementation: str, loop_name: LoopName) 
 
     answers, statuses = _run(loop_name, scenario)
     stats = answers["stats"]
-    assert stats["step_profiler"] == implementation
     status, body = answers["blocks"]
     assert status == 200
     assert BLOCK_S * 1000 * 0.95 <= body["mid_step_ms"] < BLOCK_S * 1000 * 4
@@ -214,7 +173,7 @@ def test_same_figures_on_real_sockets(implementation: str, loop_name: LoopName) 
     assert stats["in_flight"] == 1  # the /stats request itself
 
 
-def test_routes_in_flight_while_a_handler_blocks(implementation: str) -> None:
+def test_routes_in_flight_while_a_handler_blocks() -> None:
     """While /block holds the loop, the watchdog's view (another thread) shows it in flight."""
     with (
         running_server("asyncio") as server,
@@ -224,7 +183,6 @@ def test_routes_in_flight_while_a_handler_blocks(implementation: str) -> None:
     ):
         assert server.server is not None
         routes = server.server.app[MONITOR].routes
-        assert routes.implementation == implementation
         conn.sendall(b"GET /block?delay=0.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         deadline = time.monotonic() + 10
         while routes.in_flight_by_route().get("/block") != 1:  # read as the watchdog reads it
@@ -238,18 +196,6 @@ def test_routes_in_flight_while_a_handler_blocks(implementation: str) -> None:
         assert routes.by_route["/block"].max_step >= 0.45
 
 
-def test_start_logs_the_implementation(
-    implementation: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The server logs at start which step profiler runs."""
-    caplog.set_level(logging.INFO, logger="loop_lab.monitor")
-    with running_server("asyncio"):
-        pass
-    lines = [r.getMessage() for r in caplog.records if r.name == "loop_lab.monitor"]
-    expected = "C extension" if implementation == "c" else "pure Python"
-    assert any(line.startswith("step profiler: ") and expected in line for line in lines), lines
-
-
 # ---- the driver as a coroutine: send, throw, close, in-process --------------------------------
 
 
@@ -260,14 +206,10 @@ class _Response:
         self.status = status
 
 
-def _driver(implementation: str) -> tuple[Any, Callable[[Any], Any]]:
-    """A record of the implementation's kind, and a function wrapping a coroutine in a driver."""
-    if implementation == "c":
-        assert speedups is not None
-        fast = FastRouteRecord("/x")
-        return fast, lambda coro: speedups.StepDriver(coro, fast)
+def _driver() -> tuple[RouteRecord, Callable[[Any], Any]]:
+    """A route's record, and a function wrapping a coroutine in the middleware's driver."""
     record = RouteRecord("/x")
-    return record, lambda coro: middleware._metered(coro, record, StepRecord())
+    return record, lambda coro: middleware._drive(coro, record, StepRecord())
 
 
 class _Future:
@@ -279,9 +221,9 @@ def _suspend_once(value: Any) -> Generator[Any, Any, Any]:
     return sent
 
 
-def test_statuses_count_past_small_ints_and_outside_http(implementation: str) -> None:
+def test_statuses_count_past_small_ints_and_outside_http() -> None:
     """Counts per status stay exact past 256 (Python's cached ints) and for any status number."""
-    record, _ = _driver(implementation)
+    record, _ = _driver()
     for _ in range(300):
         record.add(200, 0.001, 0.001)
     record.add(999, 0.001, 0.001)
@@ -290,44 +232,9 @@ def test_statuses_count_past_small_ints_and_outside_http(implementation: str) ->
     assert dict(record.statuses) == {200: 301, 999: 1, 1000: 1}
 
 
-class _Store(dict[Any, Any]):
-    """A request stand-in with no aiohttp `_state` (or one that is not a dict)."""
-
-    def __init__(self, state: Any = None, *, has_state: bool = True) -> None:
-        super().__init__()
-        if has_state:
-            self._state = state
-
-
-@pytest.mark.parametrize(
-    "request_like",
-    [
-        pytest.param(lambda: make_mocked_request("GET", "/x"), id="aiohttp-request"),
-        pytest.param(lambda: _Store(has_state=False), id="no-_state"),
-        pytest.param(lambda: _Store(state=["not", "a", "dict"]), id="_state-not-a-dict"),
-    ],
-)
-def test_c_driver_stores_itself_and_reads_real_statuses(request_like: Callable[[], Any]) -> None:
-    """Metered puts its driver under STEPS, in aiohttp's request or via [] on anything else."""
-    if speedups is None:
-        pytest.skip("app.monitor._stepdriver was not built (no C compiler at install)")
-    record = FastRouteRecord("/x")
-
-    async def handler(request: Any) -> web.Response:
-        return web.Response(status=203)
-
-    request = request_like()
-    driver = speedups.Metered(handler, record, False)(request)
-    assert request[STEPS] is driver
-    with pytest.raises(StopIteration) as stop:
-        driver.send(None)
-    assert stop.value.value.status == 203
-    assert dict(record.statuses) == {203: 1}
-
-
-def test_values_pass_through_both_ways(implementation: str) -> None:
+def test_values_pass_through_both_ways() -> None:
     """What the handler yields reaches the caller; what the caller sends reaches the handler."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     token = _Future()
 
     async def handler() -> _Response:
@@ -355,9 +262,9 @@ class _Awaitable:
         return _suspend_once(self.value)
 
 
-def test_throw_goes_into_the_handler(implementation: str) -> None:
+def test_throw_goes_into_the_handler() -> None:
     """A thrown exception reaches the handler at its await; what it does then is recorded."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     caught: list[BaseException] = []
 
     async def handler() -> _Response:
@@ -379,11 +286,9 @@ def test_throw_goes_into_the_handler(implementation: str) -> None:
 
 
 @pytest.mark.parametrize(("exc", "status"), [(asyncio.CancelledError(), 499), (KeyError("k"), 500)])
-def test_uncaught_throw_is_counted_by_kind(
-    implementation: str, exc: BaseException, status: int
-) -> None:
+def test_uncaught_throw_is_counted_by_kind(exc: BaseException, status: int) -> None:
     """An uncaught cancellation goes on up as a 499, any other error as a 500."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
 
     async def handler() -> _Response:
         await _Awaitable(_Future())
@@ -399,9 +304,9 @@ def test_uncaught_throw_is_counted_by_kind(
 
 
 @pytest.mark.parametrize("how", ["raised", "thrown"])
-def test_http_exception_is_answered_not_raised(implementation: str, how: str) -> None:
+def test_http_exception_is_answered_not_raised(how: str) -> None:
     """An HTTPException ends the request as the plain response it stands for, traceback dropped."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     exc = web.HTTPConflict(text="taken")
 
     async def handler() -> _Response:
@@ -421,9 +326,9 @@ def test_http_exception_is_answered_not_raised(implementation: str, how: str) ->
     assert exc.__traceback__ is None  # no cycle through the handler's frames is left
 
 
-def test_bad_throw_arguments_leave_the_request_running(implementation: str) -> None:
+def test_bad_throw_arguments_leave_the_request_running() -> None:
     """throw() with arguments a generator rejects raises TypeError; the request goes on."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
 
     async def handler() -> _Response:
         await _Awaitable(_Future())
@@ -439,13 +344,13 @@ def test_bad_throw_arguments_leave_the_request_running(implementation: str) -> N
         driver.send(None)
     assert stop.value.value.status == 200
     assert dict(record.statuses) == {200: 1}
-    with pytest.raises(TypeError):  # exhausted: still a TypeError (was SystemError in C)
+    with pytest.raises(TypeError):  # exhausted: still a TypeError
         driver.throw(1)
 
 
-def test_cleanup_raising_on_close_is_counted_by_kind(implementation: str) -> None:
+def test_cleanup_raising_on_close_is_counted_by_kind() -> None:
     """A handler whose cleanup raises on close() is counted as the Python driver counts it."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
 
     def handler(error: BaseException) -> Callable[[], Any]:
         async def cleanup_raises() -> _Response:
@@ -471,9 +376,9 @@ def test_cleanup_raising_on_close_is_counted_by_kind(implementation: str) -> Non
     assert (record.in_flight, dict(record.statuses)) == (0, {499: 1, 410: 1, 500: 1})
 
 
-def test_close_between_steps_closes_the_handler(implementation: str) -> None:
+def test_close_between_steps_closes_the_handler() -> None:
     """close() runs the handler's cleanup, counts a 500 and leaves in-flight at 0."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     cleaned: list[str] = []
 
     async def handler() -> _Response:
@@ -493,9 +398,9 @@ def test_close_between_steps_closes_the_handler(implementation: str) -> None:
     assert dict(record.statuses) == {500: 1}
 
 
-def test_close_before_the_first_step_records_nothing(implementation: str) -> None:
+def test_close_before_the_first_step_records_nothing() -> None:
     """A driver closed before it ran leaves no trace: no count, nothing in flight."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
 
     async def handler() -> _Response:
         return _Response()
@@ -508,9 +413,9 @@ def test_close_before_the_first_step_records_nothing(implementation: str) -> Non
     assert record.in_flight == 0
 
 
-def test_generator_exit_thrown_in_closes_and_propagates(implementation: str) -> None:
+def test_generator_exit_thrown_in_closes_and_propagates() -> None:
     """throw(GeneratorExit) closes the handler and re-raises, as a generator's yield from does."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     cleaned: list[str] = []
 
     async def handler() -> _Response:
@@ -528,9 +433,9 @@ def test_generator_exit_thrown_in_closes_and_propagates(implementation: str) -> 
     assert dict(record.statuses) == {500: 1}
 
 
-def test_step_times_and_task_cancellation(implementation: str) -> None:
+def test_step_times_and_task_cancellation() -> None:
     """Inside a Task: a blocking step is timed, and cancelling the Task cancels the handler."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     cleaned = False
 
     async def handler() -> _Response:
@@ -583,9 +488,9 @@ def no_gc() -> Iterator[None]:
         gc.enable()
 
 
-def test_ten_thousand_requests_leak_nothing(implementation: str, no_gc: None) -> None:
+def test_ten_thousand_requests_leak_nothing(no_gc: None) -> None:
     """Coroutines and responses are freed at once (no GC); refcounts and objects stay flat."""
-    record, wrap = _driver(implementation)
+    record, wrap = _driver()
     response = _Response()
     freed: list[int] = []
 

@@ -1,65 +1,25 @@
-"""Per-route request accounting: counts, in-flight, longest handler step, and their metrics.
+"""Per-route request counters: counts by status, in flight, longest step, two histograms.
 
 Every request lands here, so recording is plain arithmetic on the loop thread: a count per status,
-the longest and last step, one bucket of each of two histograms (found with `bisect`) and their
-sums. prometheus_client's own Counter and Histogram were used here before: each increment takes a
-lock and `observe` walks the bucket bounds in Python (docs/benchmarks.md, "Instrumentation
-overhead"). The same families (`looplab_requests_total{route,status}`,
-`looplab_request_duration_seconds{route}`, `looplab_handler_step_seconds{route}`, same buckets)
-are built from these figures when Prometheus scrapes; scrapes run on the loop (the /metrics
-handler), like the requests, so they never see a half-made update.
-
-`RouteRecord` is the pure-Python record; `FastRouteRecord` keeps the same figures in C
-(app.monitor._stepdriver.RouteCounters), where the C step driver updates them without a Python
-call. A RouteStats uses one or the other for all its routes (`implementation`).
+the longest and last step, one bucket of each histogram (found with `bisect`) and their sums. The
+Prometheus families (`looplab_requests_total{route,status}`, `looplab_request_duration_seconds`,
+`looplab_handler_step_seconds`) are built from these figures when /metrics is scraped, on the
+loop like the requests, so a scrape never sees a half-made update.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, TypeAlias
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from app.metrics import DURATION_BUCKETS, STEP_BUCKETS
-from app.monitor.steps import extension, speedups
 
 
-class _Reading:
-    """What both kinds of record derive when read (rarely): totals, errors, the /stats dict."""
-
-    __slots__ = ()
-    if TYPE_CHECKING:  # set by each kind of record (a slot in Python, a member in C)
-
-        @property
-        def statuses(self) -> dict[int, int]: ...
-
-    in_flight: int
-    max_step: float
-    last_step: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.statuses.values())
-
-    @property
-    def errors(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status >= 500)
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "count": self.count,
-            "errors": self.errors,
-            "in_flight": self.in_flight,
-            "max_step_ms": round(self.max_step * 1000.0, 3),
-            "last_step_ms": round(self.last_step * 1000.0, 3),
-        }
-
-
-class RouteRecord(_Reading):
+class RouteRecord:
     """One route's figures; its requests count themselves in `in_flight` and `add` their outcome.
 
     Only what must be counted per request is; totals and errors are summed from the status counts
@@ -103,21 +63,22 @@ class RouteRecord(_Reading):
         self.step_buckets[bisect_left(STEP_BUCKETS, step)] += 1
         self.step_sum += step
 
+    @property
+    def count(self) -> int:
+        return sum(self.statuses.values())
 
-if speedups is not None:
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
 
-    class FastRouteRecord(speedups.RouteCounters, _Reading):
-        """RouteRecord's figures and `add`, kept in C; `duration_buckets` and `step_buckets`
-        read as fresh lists."""
-
-        __slots__ = ()
-
-        def __init__(self, route: str) -> None:
-            super().__init__(route, DURATION_BUCKETS, STEP_BUCKETS)
-
-
-if TYPE_CHECKING:
-    AnyRouteRecord: TypeAlias = RouteRecord | FastRouteRecord
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "count": self.count,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "max_step_ms": round(self.max_step * 1000.0, 3),
+            "last_step_ms": round(self.last_step * 1000.0, 3),
+        }
 
 
 def _le_labels(bounds: Sequence[float]) -> tuple[str, ...]:
@@ -143,16 +104,13 @@ class RouteStats(Collector):
     """Every route's record, the totals, and the per-route Prometheus families."""
 
     def __init__(self) -> None:
-        self.by_route: dict[str, AnyRouteRecord] = {}
-        # decided once per app: every route's record, and so its driver, is of one kind
-        self.implementation = "python" if extension() is None else "c"
+        self.by_route: dict[str, RouteRecord] = {}
 
-    def record_for(self, route: str) -> AnyRouteRecord:
+    def record_for(self, route: str) -> RouteRecord:
         """The record requests of `route` go into (made on first use)."""
         record = self.by_route.get(route)
         if record is None:
-            kind = RouteRecord if self.implementation == "python" else FastRouteRecord
-            record = self.by_route[route] = kind(route)
+            record = self.by_route[route] = RouteRecord(route)
         return record
 
     @property
@@ -169,7 +127,7 @@ class RouteStats(Collector):
         # called from the watchdog thread: copy first, the loop may add routes meanwhile
         return {r: rec.in_flight for r, rec in list(self.by_route.items()) if rec.in_flight}
 
-    def _seen(self) -> list[tuple[str, AnyRouteRecord]]:
+    def _seen(self) -> list[tuple[str, RouteRecord]]:
         # records exist for every route from startup; show the ones that have had a request
         return [
             (r, rec) for r, rec in sorted(self.by_route.items()) if rec.statuses or rec.in_flight
