@@ -1,13 +1,13 @@
-# syntax=docker/dockerfile:1
 # Two images from one file:
-#   server (the default, last stage): the service with its runtime dependencies only
+#   server: the service with its runtime dependencies only
 #   load:   the same plus the `load` extra (locust, matplotlib) and loadtest/, for locust and compare
 # Both install the project with pip from pyproject.toml, as the Makefile does. Dependencies go in a
 # layer of their own before the code is copied, so editing app/ rebuilds only a small layer.
-# tests/test_compose.py runs these RUN, CMD and HEALTHCHECK commands outside Docker (no engine there).
-# The build stages run on the full image of the same Python, which has gcc and the headers: `pip
-# install .` compiles the step profiler's optional C extension (app/monitor/_stepdriver.c) there.
-# The runtime stages stay slim, without a compiler, and copy the built venv.
+# The server's stages come first: Docker's legacy builder (no BuildKit) builds every stage before
+# the target, so `--target server` then builds no load stage. The last stage, `load`, is what a
+# plain `docker build .` gives. No `# syntax=` line: under BuildKit it pulls a frontend image.
+# The build stages run on BUILD_IMAGE (the full image of the same Python); the runtime stages stay
+# slim, without a compiler, and copy the built venv. `make compose-test` builds and runs both.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG BUILD_IMAGE=python:3.11-bookworm
@@ -35,15 +35,7 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml deploy/docker/requirements.py ./
 RUN python requirements.py > requirements.txt && pip install -r requirements.txt
 
-FROM deps AS deps-load
-RUN python requirements.py load > requirements-load.txt && pip install -r requirements-load.txt
-
 FROM deps AS build
-COPY README.md ./
-COPY app ./app
-RUN pip install --no-deps .
-
-FROM deps-load AS build-load
 COPY README.md ./
 COPY app ./app
 RUN pip install --no-deps .
@@ -53,6 +45,26 @@ RUN pip install --no-deps .
 FROM base AS runtime
 RUN useradd --system --user-group --uid 10001 --no-create-home --shell /usr/sbin/nologin looplab
 WORKDIR /app
+
+FROM runtime AS server
+COPY --from=build /opt/venv /opt/venv
+# 0.0.0.0 so other containers reach it; an env var, so host networking can say 127.0.0.1
+ENV LOOP_LAB_HOST=0.0.0.0
+USER looplab
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LOOP_LAB_PORT', '8080'), timeout=2)"]
+CMD ["loop-lab", "serve"]
+
+# ---- the load image: its own build stages, after the server's
+
+FROM deps AS deps-load
+RUN python requirements.py load > requirements-load.txt && pip install -r requirements-load.txt
+
+FROM deps-load AS build-load
+COPY README.md ./
+COPY app ./app
+RUN pip install --no-deps .
 
 FROM runtime AS load
 # compare finds the scenarios here; matplotlib wants a writable config dir, and compose may run
@@ -64,11 +76,3 @@ COPY loadtest ./loadtest
 USER looplab
 EXPOSE 8089 5557
 CMD ["locust", "-f", "loadtest/multiplex.py"]
-
-FROM runtime AS server
-COPY --from=build /opt/venv /opt/venv
-USER looplab
-EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LOOP_LAB_PORT', '8080'), timeout=2)"]
-CMD ["loop-lab", "serve", "--host", "0.0.0.0"]
