@@ -1,4 +1,4 @@
-"""`make compose-test`: build the real images and run docker-compose.yml on a real Docker engine.
+"""`make compose-test` (`python -m scripts.compose_test`): build the real images and run docker-compose.yml on a real Docker engine.
 
 Uses the engine that answers `docker info`; otherwise (Linux, root) installs Debian's docker.io if
 missing, starts dockerd and stops it at the end. Base images that are absent get Debian stand-ins
@@ -29,8 +29,7 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import standin_images
+from scripts import standin_images
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "looplab-compose-test"

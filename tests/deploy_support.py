@@ -1,10 +1,7 @@
-"""Run what Docker would run, without a Docker engine.
+"""Helpers for the deploy files' tests; the images themselves run in `make compose-test`.
 
 - `compose_config()` is `docker-compose config`: the compose file as Docker would see it.
-- `build_image()` executes the Dockerfile's instructions for one target into a directory that
-  stands in for the image's filesystem (container paths such as /opt/venv are mapped under it),
-  with this machine's Python standing in for the base image's.
-- `localize()` swaps a compose service's hosts and ports for loopback ones in its command line.
+- `parse_dockerfile()` reads the Dockerfile's stages and instructions, for structure checks.
 - `Service` runs a command as a subprocess in its own process group and stops it by that id.
 """
 
@@ -14,18 +11,16 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +40,8 @@ COMPOSE_KNOBS = (
     "COMPARE_DURATION",
     "HOST_UID",
     "HOST_GID",
+    "RESULTS_DIR",
+    "NOFILE",
 )
 T = TypeVar("T")
 
@@ -217,202 +214,7 @@ def stage_chain(stages: list[Stage], target: str) -> list[Stage]:
     return chain
 
 
-# RUN steps that administer the system rather than build the app: checked by tests, never run.
-SYSTEM_COMMANDS = frozenset({"useradd", "groupadd", "adduser", "apt-get", "apt"})
-
-
-@dataclass
-class ImageState:
-    env: dict[str, str]
-    workdir: str = "/"
-    user: str = "root"
-    cmd: list[str] = field(default_factory=list)
-    healthcheck: list[str] | None = None
-    exposed: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Image:
-    """A Dockerfile target built into `root`; `path()` maps container paths under it."""
-
-    target: str
-    root: Path
-    state: ImageState
-    executed: list[Instruction]
-    system_steps: list[Instruction]
-
-    def path(self, container_path: str) -> Path:
-        return self.root / container_path.lstrip("/")
-
-    @property
-    def workdir(self) -> Path:
-        return self.path(self.state.workdir)
-
-    def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return {**self.state.env, **(extra or {})}
-
-    def which(self, program: str) -> str:
-        found = shutil.which(program, path=self.state.env["PATH"])
-        assert found, f"{program} not on the image's PATH {self.state.env['PATH']}"
-        return found
-
-
-class ImageBuilder:
-    """Executes Dockerfile instructions; the base image is this machine's Python (same minor)."""
-
-    def __init__(self, stages: list[Stage], root: Path) -> None:
-        self.stages = {s.name: s for s in stages}
-        self.root = root
-        self.built: dict[str, ImageState] = {}
-        self.executed: list[Instruction] = []
-        self.system_steps: list[Instruction] = []
-        self.mapped = self._container_paths(stages)
-
-    @staticmethod
-    def _container_paths(stages: list[Stage]) -> list[str]:
-        """Absolute paths the Dockerfile creates or points at: they live under the fake root."""
-        paths = {"/usr/local/bin"}
-        for stage in stages:
-            for ins in stage.instructions:
-                if ins.keyword == "WORKDIR":
-                    paths.add(ins.args)
-                elif ins.keyword == "COPY" and "--from=" in ins.args:
-                    paths.update(w for w in shlex.split(ins.args) if w.startswith("/"))
-                elif ins.keyword == "ENV":
-                    for pair in shlex.split(ins.args):
-                        value = pair.partition("=")[2]
-                        if value.startswith("/") and ":" not in value and "$" not in value:
-                            paths.add(value)
-        return sorted(paths, key=len, reverse=True)
-
-    def host(self, container_path: str) -> Path:
-        return self.root / container_path.lstrip("/")
-
-    def rewrite(self, text: str) -> str:
-        """Point container paths in a command or ENV value at the fake root."""
-        for prefix in self.mapped:
-            pattern = rf"(?<![\w/.-]){re.escape(prefix)}(?=$|[/\s:;\"'])"
-            # escaped so re.sub takes the path literally
-            text = re.sub(pattern, str(self.host(prefix)).replace("\\", "\\\\"), text)
-        return text
-
-    def base_image(self, name: str) -> ImageState:
-        match = re.fullmatch(r"python:(\d+)\.(\d+)[-.\w]*", name)
-        assert match, f"base image {name!r}: only python:X.Y images can be stood in for"
-        wanted = (int(match[1]), int(match[2]))
-        assert sys.version_info[:2] == wanted, (
-            f"{name} needs Python {wanted}, tests run {sys.version}"
-        )
-        bin_dir = self.host("/usr/local/bin")
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        python = Path(sys.base_prefix) / "bin" / f"python{wanted[0]}.{wanted[1]}"
-        for alias in ("python", "python3", f"python{wanted[0]}.{wanted[1]}"):
-            if not (bin_dir / alias).exists():
-                (bin_dir / alias).symlink_to(python)
-        # the machine's pip and TLS settings stay (pip needs them); nothing that steers the app
-        inherited = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in {"PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", *COMPOSE_KNOBS}
-            and not k.startswith(("LOOP_LAB_", "LOCUST_"))
-        }
-        return ImageState(env={**inherited, "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"})
-
-    def build(self, name: str) -> ImageState:
-        if name in self.built:
-            return self.built[name]
-        stage = self.stages[name]
-        if stage.base in self.stages:
-            parent = self.build(stage.base)
-            state = replace(parent, env=dict(parent.env), cmd=list(parent.cmd))
-        else:
-            state = self.base_image(stage.base)
-        for ins in stage.instructions:
-            self.apply(state, ins)
-        self.built[name] = state
-        return state
-
-    def apply(self, state: ImageState, ins: Instruction) -> None:
-        if ins.keyword == "WORKDIR":
-            state.workdir = ins.args
-            self.host(ins.args).mkdir(parents=True, exist_ok=True)
-        elif ins.keyword == "ENV":
-            for pair in shlex.split(ins.args):
-                key, _, value = pair.partition("=")
-                value = re.sub(r"\$\{?(\w+)\}?", lambda m: state.env.get(m[1], ""), value)
-                state.env[key] = self.rewrite(value)
-        elif ins.keyword == "COPY":
-            self.copy(state, ins)
-        elif ins.keyword == "RUN":
-            if shlex.split(ins.args)[0] in SYSTEM_COMMANDS:
-                self.system_steps.append(ins)
-                return
-            result = subprocess.run(
-                ["sh", "-c", self.rewrite(ins.args)],
-                cwd=self.host(state.workdir),
-                env=state.env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert result.returncode == 0, f"{ins} failed:\n{result.stdout}\n{result.stderr}"
-        elif ins.keyword == "USER":
-            state.user = ins.args
-        elif ins.keyword == "CMD":
-            state.cmd = exec_form(ins.args)
-        elif ins.keyword == "HEALTHCHECK":
-            state.healthcheck = healthcheck_parts(ins.args)[1]
-        elif ins.keyword == "EXPOSE":
-            state.exposed.extend(ins.args.split())
-        else:
-            raise NotImplementedError(f"{ins}: teach tests/deploy_support.py this instruction")
-        self.executed.append(ins)
-
-    def copy(self, state: ImageState, ins: Instruction) -> None:
-        words = shlex.split(ins.args)
-        flags = dict(w[2:].split("=", 1) for w in words if w.startswith("--"))
-        *sources, dest = [w for w in words if not w.startswith("--")]
-        dest_path = self.host(dest if dest.startswith("/") else f"{state.workdir}/{dest}")
-        into_dir = dest.endswith("/") or len(sources) > 1
-        for source in sources:
-            if "from" in flags:
-                self.build(flags["from"])  # same fake root: identical paths need no copy
-                origin = self.host(source)
-            else:
-                origin = REPO / source
-            target = dest_path / origin.name if into_dir else dest_path
-            if origin == target:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if origin.is_dir():
-                shutil.copytree(
-                    origin, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
-                )
-            else:
-                shutil.copy2(origin, target)
-
-
-def build_image(target: str, root: Path) -> Image:
-    builder = ImageBuilder(parse_dockerfile(), root)
-    state = builder.build(target)
-    return Image(target, root, state, builder.executed, builder.system_steps)
-
-
-# ---- running compose services locally -------------------------------------------------------
-
-
-def localize(argv: Iterable[str], swaps: Mapping[str, str]) -> tuple[list[str], set[str]]:
-    """Replace whole values (`--flag=VALUE` or a bare `VALUE`) found in `swaps`; return the new
-    argv and the swap keys used, so a caller can insist that every host and port was swapped."""
-    result: list[str] = []
-    used: set[str] = set()
-    for arg in argv:
-        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        if value in swaps:
-            used.add(value)
-            value = swaps[value]
-        result.append(f"{flag}{eq}{value}")
-    return result, used
+# ---- processes ------------------------------------------------------------------------------
 
 
 class Service:
