@@ -1,5 +1,6 @@
-"""`make compose-test` (`python -m scripts.compose_test`): build the real images and run docker-compose.yml on a real Docker engine.
+"""`make compose-test`: the real images and docker-compose.yml, run on a real Docker engine.
 
+Run as `python -m scripts.compose_test` (`--write-host-file F` writes only the host variant).
 Uses the engine that answers `docker info`; otherwise (Linux, root) installs Debian's docker.io if
 missing, starts dockerd and stops it at the end. Base images that are absent get Debian stand-ins
 (scripts/standin_images.py). The stack runs from a host-network form of the compose file (only
@@ -34,11 +35,18 @@ from scripts import standin_images
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "looplab-compose-test"
 # distinct loopback ports, away from the defaults other tests and a developer's stack use
-PORTS = {"server-asyncio": 18081, "server-uvloop": 18082, "master": 15557, "web": 18089}
+PORTS = {
+    "server-asyncio": 18081,
+    "server-uvloop": 18082,
+    "master": 15557,
+    "web": 18089,
+    "postgres": 15432,
+}
 REGISTRY_ONLY = ("prometheus", "grafana")  # their images cannot be stood in from Debian packages
 DOCKERD_FLAGS = ["--iptables=false", "--ip-forward=false", "--bridge=none"]
 DOCKERD_LOG = Path("/var/log/loop-lab-dockerd.log")
 WANTED_NOFILE = 65536
+POSTGRES_IMAGE = "postgres:16"  # the realworld profile's image, stood in if absent
 
 
 def host_variant(spec: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +54,8 @@ def host_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     Every service: `network_mode: host`, no `ports` (nothing to publish), no `sysctls` (runc
     refuses net.* sysctls in the host's namespace). Servers: LOOP_LAB_HOST/LOOP_LAB_PORT on a
-    distinct loopback port. Commands: service names and container ports become loopback ports.
+    distinct loopback port, the database URL on postgres's. postgres: PGPORT and listening on
+    127.0.0.1 only. Commands: service names and container ports become loopback ports.
     """
     asyncio_url = f"http://127.0.0.1:{PORTS['server-asyncio']}"
     uvloop_url = f"http://127.0.0.1:{PORTS['server-uvloop']}"
@@ -73,8 +82,17 @@ def host_variant(spec: dict[str, Any]) -> dict[str, Any]:
         if name in ("server-asyncio", "server-uvloop"):
             env = dict(service.get("environment", {}))
             env.update(LOOP_LAB_HOST="127.0.0.1", LOOP_LAB_PORT=str(PORTS[name]))
+            database = f"@127.0.0.1:{PORTS['postgres']}/"
+            env["LOOP_LAB_DATABASE_URL"] = env["LOOP_LAB_DATABASE_URL"].replace(
+                "@postgres:5432/", database
+            )
+            if database not in env["LOOP_LAB_DATABASE_URL"]:
+                raise SystemExit(f"docker-compose.yml changed: {name}'s database URL")
             service["environment"] = env
-        if isinstance(service.get("command"), list):
+        if name == "postgres":
+            service["environment"] = {**service["environment"], "PGPORT": str(PORTS[name])}
+            service["command"] = ["postgres", "-c", "listen_addresses=127.0.0.1"]
+        if isinstance(original.get("command"), list):
             service["command"] = [swaps.get(arg, arg) for arg in service["command"]]
             used.update(arg for arg in original["command"] if arg in swaps)
         services[name] = service
@@ -243,6 +261,40 @@ def build_images() -> str:
     return f"built ({', '.join(timings)}); sizes: {', '.join(sizes.split(chr(10))[:-1])}"
 
 
+DISTRIBUTIONS = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps([d.metadata['Name'].lower().replace('_', '-') for d in m.distributions()]))"
+)
+TOOLS = {"pytest", "hypothesis", "ruff", "mypy", "playwright"}
+
+
+def check_image_contents() -> str:
+    """Who each image runs as, the server's healthcheck, what is installed, and no compiler."""
+    spec = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    healthcheck = spec["services"]["server-asyncio"]["healthcheck"]["test"]
+    found = []
+    for target, wanted, unwanted in [
+        ("server", {"loop-lab", "aiohttp", "uvloop", "prometheus-client"}, TOOLS | {"locust"}),
+        ("load", {"loop-lab", "locust", "matplotlib"}, TOOLS),
+    ]:
+        image = f"loop-lab:{target}"
+        config = json.loads(sh("docker", "image", "inspect", "-f", "{{json .Config}}", image))
+        if config["User"] in ("", "root", "0"):
+            raise CheckFailed(f"{image} runs as root")
+        if target == "server" and config["Healthcheck"]["Test"] != healthcheck:
+            raise CheckFailed(f"{image} healthcheck {config['Healthcheck']} is not compose's")
+        names = set(json.loads(sh("docker", "run", "--rm", image, "python", "-c", DISTRIBUTIONS)))
+        if missing := wanted - names:
+            raise CheckFailed(f"{image} lacks {missing}")
+        if extra := names & unwanted:
+            raise CheckFailed(f"{image} holds {extra}")
+        compilers = "command -v gcc cc c++ make || true"
+        if out := sh("docker", "run", "--rm", image, "sh", "-c", compilers).strip():
+            raise CheckFailed(f"{image} has build tools: {out.split()}")
+        found.append(f"{target}: user {config['User']}, {len(names)} packages")
+    return "; ".join(found) + "; no test tools, no compiler; the server's healthcheck is compose's"
+
+
 # ---- the stack --------------------------------------------------------------------------------
 
 
@@ -372,8 +424,26 @@ def check_compare(stack: Stack, workdir: Path) -> str:
     return f"{len(report['rounds'])} rounds, both loops, files {files} owned by uid {owner}"
 
 
+def check_postgres(stack: Stack) -> str:
+    """The realworld profile's postgres: healthy by its healthcheck, answers a query as looplab."""
+    stack.compose("--profile", "realworld", "up", "-d", "postgres")
+    wait_until("postgres healthy", healthy(stack, "postgres"), 120)
+    (container,) = stack.container("postgres")
+    query = "SELECT current_user || ' ' || current_database() || ' ' || current_setting('port')"
+    psql = ["psql", "-h", "127.0.0.1", "-U", "looplab", "-d", "looplab", "-tAc", query]
+    answer = sh("docker", "exec", "-e", "PGPASSWORD=looplab", container, *psql).strip()
+    if answer != f"looplab looplab {PORTS['postgres']}":
+        raise CheckFailed(f"psql answered {answer!r}")
+    if (uid := uid_in(container)) == 0:
+        raise CheckFailed("postgres runs as root")
+    url = sh(
+        "docker", "exec", stack.container("server-asyncio")[0], "printenv", "LOOP_LAB_DATABASE_URL"
+    )
+    return f"healthy; psql over TCP as {answer!r}; uid {uid}; servers get {url.strip()}"
+
+
 def check_down(stack: Stack) -> str:
-    stack.compose("--profile", "compare", "down", "--remove-orphans")
+    stack.compose("--profile", "compare", "--profile", "realworld", "down", "--remove-orphans")
     if left := stack.leftovers():
         raise CheckFailed(f"containers left: {left}")
     return "no container of the project left"
@@ -398,16 +468,21 @@ def main(argv: list[str]) -> int:
         def standins() -> str:
             names = base_images()
             built = standin_images.build(standin_images.Standin.for_image(names[0]), names)
+            postgres = standin_images.PostgresStandin("bookworm")
+            built += standin_images.build(postgres, [POSTGRES_IMAGE])
+            names.append(POSTGRES_IMAGE)
             return f"built stand-ins {built}" if built else f"{names} present, none built"
 
         checks.run("base images", standins)
         checks.run("images", build_images)
+        checks.run("image contents", check_image_contents)
         stack = Stack(workdir, env)
         try:
             checks.run("servers", lambda: check_servers(stack))
             checks.run("locust", lambda: check_locust(stack, workdir))
             checks.run("non-root", lambda: check_non_root(stack))
             checks.run("compare profile", lambda: check_compare(stack, workdir))
+            checks.run("realworld profile", lambda: check_postgres(stack))
         finally:
             checks.run("down", lambda: check_down(stack), always=True)
     verdict = f"FAILED ({', '.join(checks.failed)})" if checks.failed else "passed"

@@ -34,7 +34,11 @@ from tests.deploy_support import (
 
 SERVERS = {"server-asyncio": "asyncio", "server-uvloop": "uvloop"}
 CORE_SERVICES = {*SERVERS, "locust-master", "locust-worker"}
-PROFILES = {"compare": {"compare"}, "observability": {"prometheus", "grafana"}}
+PROFILES = {
+    "compare": {"compare"},
+    "observability": {"prometheus", "grafana"},
+    "realworld": {"postgres"},
+}
 # compose's own knobs keep the one-shot compare short here: users, seconds and rounds
 BOUNDED = {"COMPARE_ROUNDS": "1", "COMPARE_USERS": "4", "COMPARE_DURATION": "3"}
 
@@ -88,10 +92,13 @@ def test_plain_up_starts_servers_and_locust_and_profiles_hold_the_rest(
 def test_the_two_servers_differ_only_in_loop_and_published_port(
     services: dict[str, Any],
 ) -> None:
-    """Same image, CPUs, limits and healthcheck; only LOOP_LAB_LOOP and the host port differ."""
+    """Same image, CPUs, limits, database and healthcheck; only the loop and host port differ."""
     specs = {name: services[name] for name in SERVERS}
     for name, loop in SERVERS.items():
-        assert specs[name]["environment"] == {"LOOP_LAB_LOOP": loop}
+        assert specs[name]["environment"] == {
+            "LOOP_LAB_LOOP": loop,
+            "LOOP_LAB_DATABASE_URL": "postgresql://looplab:looplab@postgres:5432/looplab",
+        }
         assert all(p.startswith("127.0.0.1:") for p in specs[name]["ports"]), "loopback only"
 
     def shared(spec: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +140,10 @@ def test_service_names_in_commands_name_services_and_their_ports() -> None:
                 master_port = next(a for a in specs[name]["command"] if "--master-port=" in a)
                 assert master_port == f"--master-port={listens[value]}"
     assert found == set(listens)
+    for name in SERVERS:  # the realworld profile's postgres, on the port its image listens on
+        url = specs[name]["environment"]["LOOP_LAB_DATABASE_URL"]
+        assert url.split("@")[1].split("/")[0] == "postgres:5432"
+    assert "postgres" in specs
     for name in SERVERS:
         assert "LOOP_LAB_PORT" not in specs[name]["environment"]
         (published,) = specs[name]["ports"]
@@ -144,7 +155,7 @@ def host_services(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """compose-test's host-network variant, as `docker-compose config` resolves it."""
     path = tmp_path_factory.mktemp("host") / "compose.host.yml"
     compose_test.write_host_variant(path)
-    result = compose("--profile", "compare", "config", file=path)
+    result = compose("--profile", "compare", "--profile", "realworld", "config", file=path)
     assert result.returncode == 0, result.stderr
     found: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
     return found
@@ -155,7 +166,7 @@ def test_host_variant_differs_from_the_file_only_as_documented(
 ) -> None:
     """The variant compose-test runs: host networking, no ports or sysctls, loopback ports in
     the servers' env and the commands; the registry-only services left out. Nothing else."""
-    real = compose_config("compare")["services"]
+    real = compose_config("compare", "realworld")["services"]
     assert set(real) - set(host_services) == set(compose_test.REGISTRY_ONLY)
     assert set(host_services) <= set(real)
     swaps = {}
@@ -169,7 +180,17 @@ def test_host_variant_differs_from_the_file_only_as_documented(
             env = host.pop("environment")
             assert env.pop("LOOP_LAB_HOST") == "127.0.0.1"
             assert int(env.pop("LOOP_LAB_PORT")) == compose_test.PORTS[name]
+            real_env = expected.pop("environment")
+            database = real_env.pop("LOOP_LAB_DATABASE_URL").replace(
+                "@postgres:5432/", f"@127.0.0.1:{compose_test.PORTS['postgres']}/"
+            )
+            assert env.pop("LOOP_LAB_DATABASE_URL") == database
+            assert env == real_env
+        if name == "postgres":
+            env = host.pop("environment")
+            assert int(env.pop("PGPORT")) == compose_test.PORTS[name]
             assert env == expected.pop("environment")
+            assert host.pop("command") == ["postgres", "-c", "listen_addresses=127.0.0.1"]
         if "command" in spec:
             pairs = zip(spec["command"], host.pop("command"), strict=True)
             swaps.update({a: b for a, b in pairs if a != b})
