@@ -203,8 +203,15 @@ def docker_engine() -> Iterator[int | None]:
         dockerd = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
+
+    def answers() -> bool:
+        if dockerd.poll() is not None:
+            tail = DOCKERD_LOG.read_text(errors="replace").splitlines()[-3:]
+            raise SystemExit(f"dockerd exited {dockerd.returncode}: {' | '.join(tail)}")
+        return engine_answers()
+
     try:
-        wait_until("dockerd to answer `docker info`", engine_answers, 60)
+        wait_until("dockerd to answer `docker info`", answers, 60)
         say(f"engine: started `{' '.join(argv)}` (pid {dockerd.pid}, log {DOCKERD_LOG})")
         yield dockerd.pid
     finally:
@@ -456,6 +463,8 @@ def main(argv: list[str]) -> int:
     if args.write_host_file:
         write_host_variant(args.write_host_file)
         return 0
+    # a SIGTERM unwinds like an exception: the stack goes down and a dockerd started here stops
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     checks = Checks()
     with docker_engine() as pid, tempfile.TemporaryDirectory(prefix="compose-test-") as tmp:
         workdir = Path(tmp)
