@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,10 @@ class CheckFailed(Exception):
     pass
 
 
+# what a failed check raises: its own verdict, a failed command or file, an unexpected answer
+CHECK_ERRORS = (CheckFailed, SystemExit, subprocess.SubprocessError, OSError, KeyError, ValueError)
+
+
 class Checks:
     """One PASS/FAIL line per check; after the first failure the rest are skipped (but `always`)."""
 
@@ -137,7 +142,7 @@ class Checks:
             return
         try:
             detail = check()
-        except (CheckFailed, subprocess.CalledProcessError, OSError, KeyError, ValueError) as e:
+        except CHECK_ERRORS as e:
             self.failed.append(name)
             say(f"FAIL {name}: {e}")
         else:
@@ -272,7 +277,11 @@ DISTRIBUTIONS = (
     "import importlib.metadata as m, json; "
     "print(json.dumps([d.metadata['Name'].lower().replace('_', '-') for d in m.distributions()]))"
 )
-TOOLS = {"pytest", "hypothesis", "ruff", "mypy", "playwright"}
+# the test and dev extras (locust itself requires pytest, so the load image has that one)
+TOOLS = {"pytest-aiohttp", "pytest-timeout", "hypothesis", "ruff", "mypy", "playwright"}
+
+
+LOAD = {"locust", "matplotlib", "pytest"}
 
 
 def check_image_contents() -> str:
@@ -281,7 +290,7 @@ def check_image_contents() -> str:
     healthcheck = spec["services"]["server-asyncio"]["healthcheck"]["test"]
     found = []
     for target, wanted, unwanted in [
-        ("server", {"loop-lab", "aiohttp", "uvloop", "prometheus-client"}, TOOLS | {"locust"}),
+        ("server", {"loop-lab", "aiohttp", "uvloop", "prometheus-client"}, TOOLS | LOAD),
         ("load", {"loop-lab", "locust", "matplotlib"}, TOOLS),
     ]:
         image = f"loop-lab:{target}"
@@ -474,13 +483,19 @@ def main(argv: list[str]) -> int:
             say(f"NOFILE={nofile}: the engine's hard open-file limit is below {WANTED_NOFILE}")
         env = {**os.environ, "NOFILE": str(nofile)}
 
+        # postgres's stand-in (its own debootstrap when cold) builds while the images do
+        postgres = ThreadPoolExecutor(1).submit(
+            standin_images.build, standin_images.PostgresStandin("bookworm"), [POSTGRES_IMAGE]
+        )
+
         def standins() -> str:
             names = base_images()
             built = standin_images.build(standin_images.Standin.for_image(names[0]), names)
-            postgres = standin_images.PostgresStandin("bookworm")
-            built += standin_images.build(postgres, [POSTGRES_IMAGE])
-            names.append(POSTGRES_IMAGE)
             return f"built stand-ins {built}" if built else f"{names} present, none built"
+
+        def postgres_standin() -> str:
+            built = postgres.result()
+            return f"built stand-in {built}" if built else f"{POSTGRES_IMAGE} present, none built"
 
         checks.run("base images", standins)
         checks.run("images", build_images)
@@ -491,9 +506,11 @@ def main(argv: list[str]) -> int:
             checks.run("locust", lambda: check_locust(stack, workdir))
             checks.run("non-root", lambda: check_non_root(stack))
             checks.run("compare profile", lambda: check_compare(stack, workdir))
+            checks.run("postgres image", postgres_standin)
             checks.run("realworld profile", lambda: check_postgres(stack))
         finally:
             checks.run("down", lambda: check_down(stack), always=True)
+            wait([postgres])  # before a dockerd started here stops
     verdict = f"FAILED ({', '.join(checks.failed)})" if checks.failed else "passed"
     say(f"compose-test: {verdict} in {time.monotonic() - START:.0f} s")
     return 1 if checks.failed else 0

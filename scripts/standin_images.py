@@ -154,7 +154,7 @@ def rootfs_tarball(standin: Standin, cache: Path) -> tuple[Path, bool]:
     tarball = cache / f"rootfs-{standin.key}.tar"
     if tarball.exists() and tarball.with_suffix(".changes").exists():
         return tarball, False
-    debs = cache / f"debs-{standin.suite}"
+    debs = cache / f"debs-{standin.key}"  # one per rootfs, so two builds can run at once
     debs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"standin-{standin.key}-", dir=cache) as tmp:
         root = Path(tmp) / "rootfs"
