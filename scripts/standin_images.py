@@ -123,6 +123,11 @@ def _prepare_postgres(root: Path) -> list[str]:
     # the package's own cluster (created by its postinst) is not the image's
     shutil.rmtree(root / "var/lib/postgresql" / version, ignore_errors=True)
     shutil.rmtree(root / "etc/postgresql" / version, ignore_errors=True)
+    # JIT's LLVM is 130 MB of the rootfs; without its provider library postgres runs without JIT
+    shutil.rmtree(root / "usr/lib/postgresql" / version / "lib/bitcode", ignore_errors=True)
+    for pattern in ("usr/lib/postgresql/*/lib/llvmjit*", "usr/lib/*/libLLVM*", "usr/lib/*/libz3*"):
+        for path in root.glob(pattern):
+            path.unlink()
     entrypoint = root / "usr/local/bin/docker-entrypoint.sh"
     entrypoint.write_text(POSTGRES_ENTRYPOINT)
     entrypoint.chmod(0o755)
@@ -185,6 +190,8 @@ def rootfs_tarball(standin: Standin, cache: Path) -> tuple[Path, bool]:
             for path in (root / junk).glob("*"):
                 if path.is_file():
                     path.unlink()
+        for docs in ("usr/share/doc", "usr/share/man", "usr/share/locale"):  # as slim images do
+            shutil.rmtree(root / docs, ignore_errors=True)
         partial = tarball.with_suffix(".tar.partial")
         run(["tar", "-C", str(root), "-cf", str(partial), "."])
         partial.rename(tarball)
