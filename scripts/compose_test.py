@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -358,7 +359,17 @@ def healthy(stack: Stack, service: str) -> Callable[[], bool]:
     return lambda: stack.health(service) == "healthy"
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def check_servers(stack: Stack) -> str:
+    # host networking shares the host's ports: say so plainly if one is taken
+    if busy := [port for port in PORTS.values() if not port_free(port)]:
+        raise CheckFailed(
+            f"loopback ports {busy} are in use; the stack needs {sorted(PORTS.values())}"
+        )
     stack.compose("up", "-d", "server-asyncio", "server-uvloop")
     for name in ("server-asyncio", "server-uvloop"):
         wait_until(f"{name} healthy", healthy(stack, name), 120)
