@@ -40,7 +40,7 @@ system-deps:
 
 # The images built and docker-compose.yml run on a real Docker engine (docs/compose.md): starts
 # dockerd if none answers (root; installs docker.io if missing) and stops it afterwards. About 1 min
-# warm, 3 min cold (base-image stand-ins debootstrapped and cached in /var/cache/loop-lab).
+# warm, 4 min cold (base-image stand-ins debootstrapped and cached in /var/cache/loop-lab).
 compose-test: $(STAMP)
 	$(BIN)/python -m scripts.compose_test
 
