@@ -1,30 +1,13 @@
 """The connection guard: what a client may hold, bounded before a request reaches the app.
 
-aiohttp bounds idle keep-alive connections (`keepalive_timeout`) and header sizes, but has no
-header-read timeout: a client that sends half a request line, or one header byte a second, keeps
-its connection (and a file descriptor) until the keep-alive timer finally fires. So every
-connection is served by `GuardedConnection`, a subclass of aiohttp's own `RequestHandler`:
-
-- header-read timeout: from connect, or from the first byte of a later request, the request line
-  and headers must be complete within `--header-timeout`, or the server answers 408 (if anything
-  arrived) and closes. Idle keep-alive time between requests is aiohttp's `keepalive_timeout`.
-- connection cap: past `--max-connections` open connections a new one gets 503 and is closed, so
-  the process meets its own limit before the kernel's EMFILE (see app.monitor.accept).
-- body bound: a `Content-Length` above `--max-body-size` gets 413 without reaching the app.
-- no tracebacks: an unexpected exception is logged and answered with a bare JSON 500, whatever
-  aiohttp's debug mode says (it would put the traceback in the response); requests too malformed
-  to parse get aiohttp's 400 without a traceback in the log; CONNECT gets 405, not 404.
-- no version banner: responses say `Server: loop-lab`, not aiohttp's `Python/3.x aiohttp/3.x`.
-
-Cost. All of this sits off the per-request path of an ordinary GET (measured in
-docs/reliability.md, "What the guard costs"): the subclass is the protocol itself, so data is not
-forwarded through a wrapper; the head timer is armed only while a request head is incomplete
-(a request that arrives in one read never arms it); the 413/405 screening wraps requests only on a
-connection that has sent a request with a body (GET /healthz never has one); the JSON 500 lives in
-aiohttp's error path (`handle_error`); the Server header is aiohttp's own default, renamed.
-
-That needs private parts of aiohttp 3.14, named in one list, `PRIVATE_NAMES`: the only private
-names the project uses. The protocol also counts the server's connections (`ConnectionTracker`).
+aiohttp has no header-read timeout, no connection cap and answers errors with tracebacks in debug
+mode, so every connection is served by `GuardedConnection`, a subclass of aiohttp's own
+`RequestHandler` (the protocol itself: nothing is forwarded through a wrapper). It adds a 408 for
+a request head not complete within `--header-timeout`, a 503 past `--max-connections`, a 413 for a
+`Content-Length` over `--max-body-size`, 405 for CONNECT, a bare JSON 500, `Server: loop-lab`,
+and it counts the server's connections. None of it is on an ordinary GET's path (what it costs:
+docs/reliability.md). It needs a few private aiohttp names: they are all in `PRIVATE_NAMES`, the
+only private names the project uses.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -11,11 +12,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from app.keys import METRICS
 
@@ -33,12 +39,13 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.loop_lag = Histogram(
+        # observed 50 times a second on the loop: plain counts, exported at scrape time
+        self.loop_lag = PlainHistogram(
             "looplab_loop_lag_seconds",
             "How late the loop ran a timer callback (time the loop could not serve anyone).",
-            buckets=LAG_BUCKETS,
-            registry=r,
+            LAG_BUCKETS,
         )
+        r.register(self.loop_lag)
         # looplab_requests_total, looplab_request_duration_seconds and
         # looplab_handler_step_seconds are per-request, so app.monitor.route_stats.RouteStats
         # counts them without locks and exports them at scrape time (bucket bounds below).
@@ -57,6 +64,47 @@ class Metrics:
     def register_live(self, snapshot: Callable[[], LiveValues]) -> None:
         """Export values read at scrape time, so the hot path never touches a gauge."""
         self.registry.register(_LiveCollector(snapshot))
+
+
+def le_labels(bounds: Sequence[float]) -> tuple[str, ...]:
+    """`le` labels spelled as prometheus_client spells its own (`0.005`, `1.0`, `+Inf`)."""
+    return tuple(str(floatToGoString(b)) for b in (*bounds, float("inf")))  # type: ignore[no-untyped-call]
+
+
+def cumulative_buckets(labels: Sequence[str], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets from per-bucket counts: cumulative counts under their `le` labels."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for label, count in zip(labels, counts, strict=True):
+        total += count
+        buckets.append((label, total))
+    return buckets
+
+
+class PlainHistogram(Collector):
+    """A histogram counted with plain arithmetic (one `bisect`), exported when scraped.
+
+    prometheus_client's Histogram takes a lock per update and walks its bounds in Python; updates
+    and scrapes here all run on the loop thread, so a scrape never sees a half-made update.
+    """
+
+    def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(bounds)
+        self.labels = le_labels(self.bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket; the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: the first bound >= value, i.e. Prometheus' `le` bucket
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], cumulative_buckets(self.labels, self.counts), self.sum)
+        yield family
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from app.config import Settings
 from app.guard import ConnectionGuard, GuardedSite, connection_limit, fd_reserve
 from app.keys import MONITOR
 from app.loops import loop_factory
-from app.monitor.process import open_fds
+from app.monitor.process import open_fds, raise_nofile_limit
 
 log = logging.getLogger("loop_lab")
 
@@ -34,14 +34,8 @@ CUT_TIMEOUT_S = 0.25
 
 def raise_fd_limit(backlog: int) -> int:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; warn if 10k connections will not fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise RLIMIT_NOFILE to %d: %s", target, exc)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft = raise_nofile_limit()
     needed = TARGET_CONNECTIONS + backlog + FD_HEADROOM
     log.info("RLIMIT_NOFILE soft limit %d (hard %d)", soft, hard)
     if soft < needed:

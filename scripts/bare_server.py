@@ -9,8 +9,12 @@ middleware and no metrics, so `scripts/overhead.py` can put loop-lab next to it 
   same keys. `max_step_ms` is 0.0: there is no step profiler here; the key keeps the bodies the
   same size.
 
-Run: `python scripts/bare_server.py --loop uvloop --port 0`; it prints `listening on URL` once it
-accepts connections and stops cleanly on SIGTERM/SIGINT.
+With `--otel` the same app runs under OpenTelemetry's aiohttp server instrumentation, set up as
+its documentation says (`AioHttpServerInstrumentor().instrument()` before the app is made), with
+traces and metrics on and kept in memory: the SDK's cost per request, no exporter's network.
+
+Run: `python scripts/bare_server.py --loop uvloop --port 0 [--otel]`; it prints `listening on URL`
+once it accepts connections and stops cleanly on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -75,6 +79,23 @@ async def await_handler(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def instrument_with_opentelemetry() -> None:
+    """Traces and metrics on, both kept in memory (`pip install loop-lab[bench]`)."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    AioHttpServerInstrumentor().instrument()  # from now on web.Application is instrumented
+
+
 def create_app(loop_name: str, max_delay: float) -> web.Application:
     app = web.Application()
     app[LOOP_KEY] = loop_name
@@ -128,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--backlog", type=int, default=4096)
     parser.add_argument("--max-delay", type=float, default=60.0)
+    parser.add_argument("--otel", action="store_true", help="OpenTelemetry instrumentation on")
     args = parser.parse_args(argv)
+    if args.otel:
+        instrument_with_opentelemetry()
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         runner.run(serve(args.host, args.port, args.loop, args.backlog, args.max_delay))
     return 0

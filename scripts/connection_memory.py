@@ -22,8 +22,6 @@ import collections
 import gc
 import json
 import linecache
-import re
-import resource
 import socket
 import subprocess
 import sys
@@ -32,7 +30,15 @@ import time
 import tracemalloc
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file: make `app` importable
+    sys.path.insert(0, str(ROOT))
+
+from app.launch import SERVING  # noqa: E402
+from app.monitor.process import raise_nofile_limit  # noqa: E402
 
 # the child process of `--where`: N sockets, a request on each when told, closed when told
 CLIENT = """
@@ -172,8 +178,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     n = args.connections
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the child inherits it too
+    raise_nofile_limit()  # the child inherits it too
     if args.where:
         return where(args.loop, n)
     server = subprocess.Popen(
@@ -195,7 +200,7 @@ def main() -> int:
     assert server.stderr is not None
     url = ""
     for line in server.stderr:
-        match = re.search(r"serving on (http://\S+)", line)
+        match = SERVING.search(line)
         if match:
             url = match.group(1)
             break

@@ -15,29 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file: make `app` importable
+    sys.path.insert(0, str(ROOT))
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from app.launch import ServerProcess, eventually  # noqa: E402
+from app.monitor.process import cpu_seconds  # noqa: E402
 
 
 async def stats(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -62,14 +52,11 @@ async def measure(url: str, pid: int, clients: int, seconds: float) -> dict[str,
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         tasks = [asyncio.create_task(reader(session)) for _ in range(clients)]
-        deadline = time.monotonic() + 30
-        while clients and dashboards < clients:  # every stream open before the clock starts
-            if time.monotonic() > deadline:
-                raise SystemExit(f"only {dashboards} of {clients} streams opened")
-            await asyncio.sleep(0.05)
-        cpu_before, started, received_before = cpu_seconds(pid), time.monotonic(), received
+        # every stream open before the clock starts
+        await eventually(lambda: dashboards >= clients, within=30, what=f"{clients} streams open")
+        cpu_before, started, received_before = cpu_seconds(pid) or 0.0, time.monotonic(), received
         await asyncio.sleep(seconds)  # the measurement window itself
-        cpu_after, ended = cpu_seconds(pid), time.monotonic()
+        cpu_after, ended = cpu_seconds(pid) or 0.0, time.monotonic()
         after = await stats(session, url)
         for task in tasks:
             task.cancel()
@@ -84,39 +71,13 @@ async def measure(url: str, pid: int, clients: int, seconds: float) -> dict[str,
     }
 
 
-async def wait_ready(url: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
-        while True:  # ready once /healthz answers
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not answer /healthz within 30 s")
-            await asyncio.sleep(0.05)
-
-
-async def measure_all(url: str, pid: int, clients: int, seconds: float) -> list[dict[str, Any]]:
-    await wait_ready(url)
-    return [await measure(url, pid, n, seconds) for n in (0, clients)]
-
-
-def run_loop(loop: str, clients: int, seconds: float) -> list[dict[str, Any]]:
+async def run_loop(loop: str, clients: int, seconds: float) -> list[dict[str, Any]]:
     """One fresh server on `loop`: idle, then with `clients` streams."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--loop", loop, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = await ServerProcess("--loop", loop).start()
     try:
-        return asyncio.run(measure_all(f"http://127.0.0.1:{port}", server.pid, clients, seconds))
+        return [await measure(server.url, server.pid, n, seconds) for n in (0, clients)]
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        await server.stop()
 
 
 def main() -> int:
@@ -132,7 +93,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|")
     for loop in loops:
-        for row in run_loop(loop, args.clients, args.seconds):
+        for row in asyncio.run(run_loop(loop, args.clients, args.seconds)):
             lag = row["lag_ms"]
             print(
                 f"| {loop} | {row['clients']} | {row['cpu_pct']:.2f} "

@@ -23,8 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.reliability_support, when run as a script
 
+from app.launch import ServerProcess  # noqa: E402
 from app.loops import LOOP_NAMES  # noqa: E402
-from tests.reliability_support import ServeProcess, http_get, raise_nofile, rss_mb  # noqa: E402
+from app.monitor.process import raise_nofile_limit  # noqa: E402
+from tests.reliability_support import http_get, rss_mb  # noqa: E402
 
 
 async def waves(loop_name: str, args: argparse.Namespace) -> list[float]:
@@ -33,7 +35,7 @@ async def waves(loop_name: str, args: argparse.Namespace) -> list[float]:
         os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
     else:
         os.environ.pop("MALLOC_ARENA_MAX", None)
-    server = await ServeProcess(
+    server = await ServerProcess(
         "--loop",
         loop_name,
         "--thread-workers",
@@ -53,7 +55,7 @@ async def waves(loop_name: str, args: argparse.Namespace) -> list[float]:
             statuses.update(status for status, _, _ in answers)
             rss.append(rss_mb(server.pid))
     finally:
-        await server.close()
+        await server.stop()
     print(f"{loop_name}: answers {dict(sorted(statuses.items()))}", flush=True)
     return rss
 
@@ -79,7 +81,7 @@ async def main() -> None:
     parser.add_argument("--queue", type=int, default=16)
     parser.add_argument("--malloc-arena-max", type=int, default=0)
     args = parser.parse_args()
-    raise_nofile()
+    raise_nofile_limit()
     loops = LOOP_NAMES if args.loop == "both" else (args.loop,)
     arenas = args.malloc_arena_max or "glibc default"
     print(

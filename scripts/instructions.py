@@ -1,21 +1,21 @@
-"""CPU instructions per request, loop-lab vs bare aiohttp: the overhead without the machine's noise.
+"""CPU instructions per request under callgrind: bare aiohttp, bare + OpenTelemetry, loop-lab.
 
-`scripts/overhead.py` measures what matters (requests per second, CPU time per request) but on a
-shared machine its rounds swing by 10-20%. This counts instructions instead, which do not depend
-on what else the machine is doing: each server runs under valgrind's callgrind, once for N1 and
-once for N2 keep-alive requests over C connections, and (instructions(N2) - instructions(N1)) /
-(N2 - N1) is what one request costs, startup and shutdown cancelled out.
+Instructions do not depend on what else the machine is doing, so this is the verdict on what the
+monitor costs per request (`scripts/overhead.py` gives the rps beside it). Each server runs once
+per loop under valgrind's callgrind. After warm-up requests, each path gets a batch of N1 and a
+batch of N2 keep-alive requests over C connections, and after each batch callgrind is asked for a
+dump (`callgrind_control --dump`), which holds the instructions since the one before: (batch N2 -
+batch N1) / (N2 - N1) is one request, the dumps and the idle moments between batches cancelled out.
 
-Instructions are not time (cache misses and branch mispredictions are not in them), and under
-valgrind the server runs ~50x slower, so work done on a clock rather than per request (the lag
-sampler's 20 ms tick, the watchdog thread, `--gc tuned`'s 50 ms young collections) counts ~50x too
-heavily here: read the loop-lab figure as an upper bound. It is the tool for finding where a
-request's cost goes (switch a part off, count again); overhead.py is the one for the targets.
+Under valgrind a server runs ~50x slower, so work done on a clock rather than per request counts
+~50x too heavily: loop-lab runs with `--gc default` (CPython's own collector, as the bare servers
+have it) unless told otherwise; its 20 ms lag sampler still counts, so read its figure as an
+upper bound.
 
-    python scripts/instructions.py --loops asyncio,uvloop --path /healthz
-    python scripts/instructions.py --loops asyncio --lab-arg=--gc --lab-arg=default
+    python scripts/instructions.py --loops asyncio,uvloop
 
-Needs valgrind (Debian: apt-get install valgrind). Exit status 0, or 2 if it could not measure.
+Needs valgrind (Debian: apt-get install valgrind) and the `bench` extra (OpenTelemetry).
+Exit status: 0 all targets met, 1 a target missed, 2 it could not measure.
 """
 
 from __future__ import annotations
@@ -24,47 +24,42 @@ import argparse
 import asyncio
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a file: make `scripts.overhead` importable
+if str(ROOT) not in sys.path:  # run as a file: make `app` and `scripts` importable
     sys.path.insert(0, str(ROOT))
 
-from scripts.overhead import (  # noqa: E402
-    LOOPS,
-    BenchError,
-    Server,
-    _wait_ready,
-    bare_command,
-    child_env,
-    lab_command,
-    stop_server,
-)
+from app.launch import ServerProcess  # noqa: E402
+from scripts.overhead import LOOPS, BenchError, bare_command, lab_command  # noqa: E402
 
-# valgrind's own summary line at exit, e.g. "==123== Collected : 1416982596"
-_COLLECTED = re.compile(r"^==\d+== Collected : (\d+)$", re.M)
+PATHS = ("/healthz", "/await?delay=0")
+# path -> the most loop-lab may add to a bare server's instructions per request
+TARGETS: dict[str, float] = {"/healthz": 0.15, "/await?delay=0": 0.20}
+OTEL_SHARE = 1 / 20  # loop-lab's addition may be at most this share of OpenTelemetry's
+WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
 START_TIMEOUT_S = 300.0  # startup under valgrind is slow (imports, the process pool's spawn)
 
+_SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
 
-def collected(valgrind_log: str) -> int:
-    """The instruction count callgrind reports when the process exits."""
-    match = _COLLECTED.search(valgrind_log)
+
+def dump_count(dump: str) -> int:
+    """The instruction count of one callgrind dump (its `summary:` line)."""
+    match = _SUMMARY.search(dump)
     if match is None:
-        raise BenchError(f"no 'Collected' line in valgrind's log:\n{valgrind_log[-2000:]}")
+        raise BenchError(f"no 'summary:' line in the callgrind dump:\n{dump[:500]}")
     return int(match.group(1))
 
 
 def per_request(count_small: int, count_large: int, small: int, large: int) -> float:
-    """Instructions one request costs: the difference of two runs over their request counts."""
+    """Instructions one request costs: the difference of two batches over their request counts."""
     if large <= small:
-        raise ValueError("the second run must send more requests than the first")
+        raise ValueError("the second batch must send more requests than the first")
     return (count_large - count_small) / (large - small)
 
 
@@ -99,36 +94,53 @@ async def send_requests(url: str, path: str, requests: int, connections: int) ->
     )
 
 
-def count_instructions(
-    command: list[str], path: str, requests: int, connections: int, work: Path, name: str
-) -> int:
-    """Run `command` under callgrind, send it `requests`, stop it; its instruction count."""
-    valgrind_log = work / f"{name}.valgrind"
+async def measure_server(
+    command: list[str], batches: tuple[int, int], connections: int, work: Path, name: str
+) -> dict[str, float]:
+    """Run `command` under callgrind; instructions per request of each path in PATHS."""
     profile = work / f"{name}.callgrind"
     wrapped = [
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={profile}",
-        f"--log-file={valgrind_log}",
+        f"--log-file={work / f'{name}.valgrind'}",
         *command,
     ]
-    log_path = work / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            wrapped,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-            env=child_env(),
+    server = ServerProcess(command=wrapped, log_path=work / f"{name}.log")
+    dumps = 0
+
+    async def dump() -> int:
+        """Ask callgrind for a dump now; the instructions since the previous one."""
+        nonlocal dumps
+        control = await asyncio.create_subprocess_exec(
+            "callgrind_control",
+            f"--dump={name}-{dumps + 1}",
+            str(server.pid),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
-    server = Server(name, process, log_path)
+        said, _ = await asyncio.wait_for(control.communicate(), 120)
+        if control.returncode != 0:
+            raise BenchError(f"callgrind_control failed: {said.decode(errors='replace')}")
+        dumps += 1
+        part = Path(f"{profile}.{dumps}")
+        return dump_count(await asyncio.to_thread(part.read_text, errors="replace"))
+
+    figures: dict[str, float] = {}
+    await server.start(within=START_TIMEOUT_S)
     try:
-        _wait_ready(server, time.monotonic() + START_TIMEOUT_S)
-        asyncio.run(send_requests(server.url, path, requests, connections))
+        for path in PATHS:
+            await send_requests(server.url, path, WARMUP, connections)
+        await dump()
+        for path in PATHS:
+            counts = []
+            for requests in batches:
+                await send_requests(server.url, path, requests, connections)
+                counts.append(await dump())
+            figures[path] = per_request(counts[0], counts[1], *batches)
     finally:
-        stop_server(server)
-    return collected(valgrind_log.read_text(errors="replace"))
+        await server.stop()
+    return figures
 
 
 @dataclass
@@ -136,101 +148,144 @@ class Row:
     loop: str
     path: str
     bare: float
+    otel: float
     lab: float
 
     @property
-    def extra(self) -> float:
-        return self.lab - self.bare
+    def lab_extra(self) -> float:
+        return (self.lab - self.bare) / self.bare
 
     @property
-    def ratio(self) -> float:
-        """bare / loop-lab: the throughput ratio if time followed instructions."""
-        return self.bare / self.lab
+    def otel_extra(self) -> float:
+        return (self.otel - self.bare) / self.bare
+
+    @property
+    def share(self) -> float:
+        """loop-lab's addition as a share of OpenTelemetry's."""
+        return (self.lab - self.bare) / (self.otel - self.bare)
+
+    @property
+    def met(self) -> bool:
+        return self.lab_extra <= TARGETS[self.path] and self.share <= OTEL_SHARE
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| loop | path | bare instructions / request | loop-lab | extra | bare / loop-lab |",
-        "|---|---|---:|---:|---:|---:|",
+        "| loop | path | bare | bare + OpenTelemetry | loop-lab | loop-lab adds | target "
+        "| OpenTelemetry adds | loop-lab's addition / OpenTelemetry's | met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.loop} | `{r.path}` | {r.bare:,.0f} | {r.lab:,.0f} | {r.extra:+,.0f} "
-            f"({r.extra / r.bare:+.1%}) | {r.ratio:.3f} |"
+            f"| {r.loop} | `{r.path}` | {r.bare:,.0f} | {r.otel:,.0f} | {r.lab:,.0f} "
+            f"| {r.lab - r.bare:+,.0f} ({r.lab_extra:+.1%}) | ≤ {TARGETS[r.path]:.0%} "
+            f"| {r.otel - r.bare:+,.0f} ({r.otel_extra:+.1%}) | {r.share:.3f} (≤ {OTEL_SHARE:.2f}) "
+            f"| {'yes' if r.met else 'NO'} |"
         )
     return "\n".join(lines)
 
 
-def measure_loop(
-    loop: str, args: argparse.Namespace, runs: tuple[int, int], work: Path, out: TextIO
-) -> Row:
-    """Bare and loop-lab on `loop`: two callgrind runs each, one figure per request each."""
-    figures: dict[str, float] = {}
-    for side, command in (
-        ("bare", bare_command(loop, None)),
-        ("loop-lab", [*lab_command(loop, None), *args.lab_arg]),
-    ):
-        counts = [
-            count_instructions(command, args.path, n, args.connections, work, f"{side}-{loop}-{n}")
-            for n in runs
-        ]
-        figures[side] = per_request(counts[0], counts[1], *runs)
-        print(
-            f"[{loop}] {side:<8} {args.path}: {figures[side]:,.0f} instructions per request",
-            file=out,
-            flush=True,
+def measure_loop(loop: str, args: argparse.Namespace, work: Path, out: TextIO) -> list[Row]:
+    """The three servers on `loop`, one callgrind run each."""
+    sides = {
+        "bare": bare_command(loop, None),
+        "otel": bare_command(loop, None, otel=True),
+        "loop-lab": [*lab_command(loop, None), *args.lab_arg],
+    }
+    figures: dict[str, dict[str, float]] = {}
+    for side, command in sides.items():
+        if side not in args.sides:
+            continue
+        figures[side] = asyncio.run(
+            measure_server(command, args.batches, args.connections, work, f"{side}-{loop}")
         )
-    return Row(loop, args.path, figures["bare"], figures["loop-lab"])
+        for path, count in figures[side].items():
+            print(
+                f"[{loop}] {side:<8} {path:<16} {count:>11,.0f} instructions per request",
+                file=out,
+                flush=True,
+            )
+    if len(figures) < len(sides):
+        return []  # a partial run (--sides) prints its figures only
+    return [
+        Row(loop, path, figures["bare"][path], figures["otel"][path], figures["loop-lab"][path])
+        for path in PATHS
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated loops")
-    parser.add_argument("--path", default="/healthz", help="the path every request asks for")
     parser.add_argument(
         "--requests",
-        default="1000,5000",
-        help="N1,N2: requests of the two runs per server (default 1000,5000)",
+        default="500,2500",
+        help="N1,N2: requests of the two batches per path (default 500,2500)",
     )
     parser.add_argument("--connections", type=int, default=50, help="keep-alive connections")
     parser.add_argument(
+        "--sides",
+        default="bare,otel,loop-lab",
+        help="which servers to measure (the table needs all three)",
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="keep callgrind's dumps and logs in this directory"
+    )
+    parser.add_argument(
         "--lab-arg",
         action="append",
-        default=[],
-        help="extra argument for `loop-lab serve` (repeat), e.g. --lab-arg=--gc --lab-arg=default",
+        default=None,
+        help="argument for `loop-lab serve` (repeat; default: --gc default)",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
+    if args.lab_arg is None:
+        args.lab_arg = ["--gc", "default"]
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
+    args.sides = {name.strip() for name in args.sides.split(",") if name.strip()}
     try:
-        small, large = (int(n) for n in args.requests.split(","))
+        args.batches = tuple(int(n) for n in args.requests.split(","))
     except ValueError:
-        small = large = 0
-    if set(loops) - set(LOOPS) or not loops or not 0 < small < large or args.connections < 1:
+        args.batches = ()
+    if (
+        set(loops) - set(LOOPS)
+        or not loops
+        or len(args.batches) != 2
+        or not 0 < args.batches[0] < args.batches[1]
+        or args.connections < 1
+        or not args.sides <= {"bare", "otel", "loop-lab"}
+    ):
         print(
             f"instructions: need loops from {', '.join(LOOPS)}, --requests N1,N2 with "
             "0 < N1 < N2, --connections >= 1",
             file=sys.stderr,
         )
         return 2
-    if shutil.which("valgrind") is None:
-        print(
-            "instructions: valgrind not found (Debian: apt-get install valgrind)", file=sys.stderr
-        )
-        return 2
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(
+                f"instructions: {tool} not found (Debian: apt-get install valgrind)",
+                file=sys.stderr,
+            )
+            return 2
     rows: list[Row] = []
     try:
         with tempfile.TemporaryDirectory(prefix="looplab-instructions-") as tmp:
+            work = args.keep or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
             for loop in loops:
-                rows.append(measure_loop(loop, args, (small, large), Path(tmp), out))
-    except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+                rows.extend(measure_loop(loop, args, work, out))
+    except (BenchError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"instructions: {exc}", file=sys.stderr)
         return 2
-    print("\n" + markdown_table(rows), file=out, flush=True)
-    return 0
+    if rows:
+        print("\n" + markdown_table(rows), file=out, flush=True)
+    missed = [r for r in rows if not r.met]
+    for r in missed:
+        print(f"instructions: target missed: {r.loop} {r.path}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -19,25 +19,28 @@ Exit status: 0 all targets met, 1 a target missed, 2 the measurement could not r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a file: make `app` importable
+    sys.path.insert(0, str(ROOT))
+
+from app.launch import ProcessError, ServerProcess, serve_command  # noqa: E402
+from app.monitor.process import cpu_seconds  # noqa: E402
+
 BARE_SERVER = ROOT / "scripts" / "bare_server.py"
 LOOPS = ("asyncio", "uvloop")
 # path -> the lowest acceptable median of loop-lab rps / bare rps
@@ -45,7 +48,6 @@ TARGETS: dict[str, float] = {"/healthz": 0.95, "/await?delay=0": 0.85}
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 30.0
 
-_URL_LINE = re.compile(r"(?:serving|listening) on (http://[^\s,]+)")
 _UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -130,6 +132,14 @@ class PathResult:
     # the CPU other processes left it; empty where /proc is missing
     bare_cpu_us: list[float] = field(default_factory=list)
     lab_cpu_us: list[float] = field(default_factory=list)
+    # bare + OpenTelemetry, when measured (--otel)
+    otel_rps: list[float] = field(default_factory=list)
+    otel_cpu_us: list[float] = field(default_factory=list)
+
+    @property
+    def otel_ratios(self) -> list[float]:
+        """bare + OpenTelemetry rps / bare rps, paired by round."""
+        return paired_ratios(self.bare_rps, self.otel_rps) if self.otel_rps else []
 
     @property
     def ratios(self) -> list[float]:
@@ -164,14 +174,20 @@ class PathResult:
             "lab_cpu_us_per_request": self.lab_cpu_us,
             "cpu_ratios": self.cpu_ratios,
             "cpu_ratio": asdict(spread(self.cpu_ratios)) if self.cpu_ratios else None,
+            "otel_rps": self.otel_rps,
+            "otel_ratios": self.otel_ratios,
+            "otel_cpu_us_per_request": self.otel_cpu_us,
         }
 
 
 def markdown_table(results: Sequence[PathResult]) -> str:
+    otel = any(r.otel_rps for r in results)
     lines = [
         "| loop | path | bare rps | loop-lab rps | ratio median | min | max | target | met "
-        "| CPU µs/req bare | loop-lab | CPU ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| CPU µs/req bare | loop-lab | CPU ratio |"
+        + (" OpenTelemetry rps | ratio median | CPU µs/req |" if otel else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        + ("---:|---:|---:|" if otel else ""),
     ]
     for r in results:
         ratio = r.ratio
@@ -185,6 +201,12 @@ def markdown_table(results: Sequence[PathResult]) -> str:
             f"| {r.loop} | `{r.path}` | {statistics.median(r.bare_rps):,.0f} "
             f"| {statistics.median(r.lab_rps):,.0f} | {ratio.median:.3f} | {ratio.min:.3f} "
             f"| {ratio.max:.3f} | ≥ {r.target:.2f} | {'yes' if r.met else 'NO'} | {cpu} |"
+            + (
+                f" {statistics.median(r.otel_rps):,.0f} | {statistics.median(r.otel_ratios):.3f} "
+                f"| {statistics.median(r.otel_cpu_us) if r.otel_cpu_us else 0:.1f} |"
+                if r.otel_rps
+                else (" - | - | - |" if otel else "")
+            )
         )
     return "\n".join(lines)
 
@@ -205,107 +227,26 @@ def choose_cpus(server_cpu: int, client_cpu: int) -> tuple[int | None, int | Non
     return None, None
 
 
-def child_env() -> dict[str, str]:
-    """The caller's environment without LOOP_LAB_* (a stray LOOP_LAB_DEBUG would skew it all)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("LOOP_LAB_")}
-
-
-@dataclass
-class Server:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    url: str = ""
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` (all its threads), from /proc; None if missing."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # fields after the command name (which may hold spaces) ; utime and stime are 14th and 15th
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    with urllib.request.urlopen(
-        url, timeout=timeout
-    ) as response:  # servers here listen on loopback
-        return int(response.status), bytes(response.read())
-
-
-def _wait_ready(server: Server, deadline: float) -> None:
-    """Read the URL the server logs once it listens, then poll /healthz until it answers."""
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise BenchError(
-                f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
-            )
-        if not server.url:
-            match = _URL_LINE.search(server.log_path.read_text(errors="replace"))
-            if match:
-                server.url = match.group(1)
-        if server.url:
-            try:
-                if _get(f"{server.url}/healthz")[0] == 200:
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-        time.sleep(0.05)  # polling for readiness, not waiting a fixed time
-    raise BenchError(
-        f"{server.name} not ready in {SERVER_START_TIMEOUT_S:.0f}s:\n{server.log_tail()}"
-    )
-
-
-def stop_server(server: Server) -> int:
-    """SIGTERM (both servers drain and exit 0), SIGKILL if it hangs; returns the exit code."""
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-    return server.process.returncode
-
-
-@contextmanager
-def run_server(name: str, command: list[str], log_dir: Path) -> Iterator[Server]:
+@asynccontextmanager
+async def run_server(name: str, command: list[str], log_dir: Path) -> AsyncIterator[ServerProcess]:
     """Start `command` (it must log `... on http://HOST:PORT`), yield once it serves, then stop."""
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-            env=child_env(),
-        )
-    server = Server(name, process, log_path)
+    server = ServerProcess(command=command, log_path=log_dir / f"{name}.log")
+    await server.start(within=SERVER_START_TIMEOUT_S)
     try:
-        _wait_ready(server, time.monotonic() + SERVER_START_TIMEOUT_S)
         yield server
     finally:
-        stop_server(server)
+        await server.stop(grace=SERVER_STOP_TIMEOUT_S)
 
 
-def bare_command(loop: str, cpu: int | None) -> list[str]:
-    return pinned([sys.executable, str(BARE_SERVER), "--loop", loop, "--port", "0"], cpu)
+def bare_command(loop: str, cpu: int | None, *, otel: bool = False) -> list[str]:
+    """The bare reference server; with `otel`, under OpenTelemetry's instrumentation."""
+    command = [sys.executable, str(BARE_SERVER), "--loop", loop, "--port", "0"]
+    return pinned([*command, "--otel"] if otel else command, cpu)
 
 
 def lab_command(loop: str, cpu: int | None) -> list[str]:
     """`loop-lab serve` (as `python -m app serve`), one process, defaults otherwise."""
-    command = [sys.executable, "-m", "app", "serve", "--loop", loop]
-    return pinned([*command, "--host", "127.0.0.1", "--port", "0", "--workers", "1"], cpu)
+    return pinned([*serve_command("--loop", loop, "--workers", "1")], cpu)
 
 
 # -- wrk ----------------------------------------------------------------------------------------
@@ -351,49 +292,56 @@ class Options:
     loops: list[str]
     server_cpu: int | None
     client_cpu: int | None
+    otel: bool = False
 
 
-def measure_loop(
+async def measure_loop(
     wrk: str, loop: str, options: Options, log_dir: Path, out: TextIO
 ) -> list[PathResult]:
     results = [PathResult(loop, path, target) for path, target in TARGETS.items()]
+    commands = {
+        "bare": bare_command(loop, options.server_cpu),
+        "lab": lab_command(loop, options.server_cpu),
+    }
+    if options.otel:
+        commands["otel"] = bare_command(loop, options.server_cpu, otel=True)
     for round_no in range(1, options.rounds + 1):
         # Fresh server processes every round: one instance of the same code runs a steady 2-5%
         # faster or slower than another (hash seed, memory layout), as much as the gap measured,
         # so the median must be over instances, not over runs of one.
-        with ExitStack() as stack:
-            bare = stack.enter_context(
-                run_server(
-                    f"bare-{loop}-{round_no}", bare_command(loop, options.server_cpu), log_dir
+        async with AsyncExitStack() as stack:
+            servers = {
+                side: await stack.enter_async_context(
+                    run_server(f"{side}-{loop}-{round_no}", command, log_dir)
                 )
-            )
-            lab = stack.enter_context(
-                run_server(
-                    f"loop-lab-{loop}-{round_no}", lab_command(loop, options.server_cpu), log_dir
-                )
-            )
+                for side, command in commands.items()
+            }
             if round_no == 1:
-                print(f"[{loop}] bare {bare.url}  loop-lab {lab.url} (new each round)", file=out)
+                urls = "  ".join(f"{side} {server.url}" for side, server in servers.items())
+                print(f"[{loop}] {urls} (new each round)", file=out)
             if options.warmup > 0:
                 for result in results:
-                    for server in (bare, lab):
-                        run_wrk(
+                    for server in servers.values():
+                        await asyncio.to_thread(
+                            run_wrk,
                             wrk,
                             server.url + result.path,
                             options.warmup,
                             options.connections,
                             options.client_cpu,
                         )
-            # which side runs first alternates, so drift within a round favours neither
-            order = (
-                ((bare, "bare"), (lab, "lab")) if round_no % 2 else ((lab, "lab"), (bare, "bare"))
-            )
+            # which side runs first rotates, so drift within a round favours none
+            sides = list(servers)
+            shift = (round_no - 1) % len(sides)
+            order = sides[shift:] + sides[:shift]
             for result in results:
                 rps: dict[str, float] = {}
                 cpu: dict[str, float] = {}
-                for server, side in order:
-                    cpu_before = cpu_seconds(server.process.pid)
-                    run = run_wrk(
+                for side in order:
+                    server = servers[side]
+                    cpu_before = cpu_seconds(server.pid)
+                    run = await asyncio.to_thread(
+                        run_wrk,
                         wrk,
                         server.url + result.path,
                         options.duration,
@@ -402,36 +350,41 @@ def measure_loop(
                     )
                     if not run.clean:
                         raise BenchError(
-                            f"{server.name} {result.path}: {run.non_2xx} non-2xx responses, "
+                            f"{side} {result.path}: {run.non_2xx} non-2xx responses, "
                             f"{run.socket_errors} socket errors in {run.requests} requests"
                         )
-                    cpu_after = cpu_seconds(server.process.pid)
+                    cpu_after = cpu_seconds(server.pid)
                     rps[side] = run.rps
                     if cpu_before is not None and cpu_after is not None:
                         cpu[side] = (cpu_after - cpu_before) * 1e6 / run.requests
                 result.bare_rps.append(rps["bare"])
                 result.lab_rps.append(rps["lab"])
-                if len(cpu) == 2:
+                if "bare" in cpu and "lab" in cpu:
                     result.bare_cpu_us.append(cpu["bare"])
                     result.lab_cpu_us.append(cpu["lab"])
-                cpu_note = (
-                    f"  CPU µs/req {cpu['bare']:.1f} vs {cpu['lab']:.1f}" if len(cpu) == 2 else ""
+                if "otel" in rps:
+                    result.otel_rps.append(rps["otel"])
+                    if "otel" in cpu:
+                        result.otel_cpu_us.append(cpu["otel"])
+                figures = "  ".join(
+                    f"{side} {rps[side]:>9,.0f} rps"
+                    + (f" ({cpu[side]:.1f} CPU µs/req)" if side in cpu else "")
+                    for side in sides
                 )
                 print(
-                    f"[{loop}] round {round_no} {result.path:<16} bare {rps['bare']:>9,.0f} rps  "
-                    f"loop-lab {rps['lab']:>9,.0f} rps  ratio {rps['lab'] / rps['bare']:.3f}"
-                    f"{cpu_note}",
+                    f"[{loop}] round {round_no} {result.path:<16} {figures}  "
+                    f"ratio {rps['lab'] / rps['bare']:.3f}",
                     file=out,
                     flush=True,
                 )
     return results
 
 
-def measure(wrk: str, options: Options, out: TextIO) -> list[PathResult]:
+async def measure(wrk: str, options: Options, out: TextIO) -> list[PathResult]:
     results: list[PathResult] = []
     with tempfile.TemporaryDirectory(prefix="looplab-overhead-") as tmp:
         for loop in options.loops:
-            results.extend(measure_loop(wrk, loop, options, Path(tmp), out))
+            results.extend(await measure_loop(wrk, loop, options, Path(tmp), out))
     return results
 
 
@@ -452,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-cpu", type=int, default=0, help="CPU both servers are pinned to")
     parser.add_argument("--client-cpu", type=int, default=1, help="CPU wrk is pinned to")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also measure the bare server under OpenTelemetry (the bench extra)",
+    )
     parser.add_argument(
         "--no-install", action="store_true", help="fail instead of apt-get installing wrk"
     )
@@ -481,6 +439,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         loops=loops,
         server_cpu=server_cpu,
         client_cpu=client_cpu,
+        otel=args.otel,
     )
     try:
         wrk = find_wrk(install=not args.no_install, out=out)
@@ -495,8 +454,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             file=out,
             flush=True,
         )
-        results = measure(wrk, options, out)
-    except (BenchError, subprocess.TimeoutExpired) as exc:
+        results = asyncio.run(measure(wrk, options, out))
+    except (BenchError, ProcessError, subprocess.TimeoutExpired) as exc:
         print(f"overhead: {exc}", file=sys.stderr)
         return 2
     print("\n" + markdown_table(results), file=out, flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 import time
 from collections import Counter
@@ -30,17 +29,12 @@ sys.path.insert(0, str(REPO))  # tests.reliability_support, when run as a script
 from app.application import create_app  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.keys import MONITOR  # noqa: E402
+from app.launch import ServerProcess, eventually  # noqa: E402
 from app.loops import LOOP_NAMES  # noqa: E402
+from app.monitor.process import raise_nofile_limit  # noqa: E402
 from app.monitor.route_stats import RouteStats  # noqa: E402
 from app.server import DrainingRunner, start_server  # noqa: E402
-from tests.reliability_support import (  # noqa: E402
-    ServeProcess,
-    http_get,
-    parse_response,
-    raise_nofile,
-    request_bytes,
-    wait_until,
-)
+from tests.reliability_support import http_get, parse_response, request_bytes  # noqa: E402
 
 NOFILE = 256
 FLOOD = 600
@@ -69,31 +63,9 @@ with asyncio.Runner(loop_factory=loop_factory(sys.argv[1])) as r:
 """
 
 
-class BareProcess(ServeProcess):
-    """The bare aiohttp server above, started like ServeProcess starts loop-lab."""
-
-    def __init__(self, loop: str) -> None:
-        super().__init__(nofile=NOFILE)
-        self.loop = loop
-
-    async def start(self) -> BareProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            BARE_SERVER,
-            self.loop,
-            cwd=REPO,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=self._limit_fds,
-        )
-        self._reader = asyncio.create_task(self._read_log())
-        line = await self.wait_for_line(r"serving on", within=60)
-        match = re.search(r":(\d+)$", line)
-        assert match is not None
-        self.port = int(match.group(1))
-        return self
+def bare_process(loop: str) -> ServerProcess:
+    """The bare aiohttp server above, started as loop-lab is, with the same fd limit."""
+    return ServerProcess(command=[sys.executable, "-c", BARE_SERVER, loop], nofile=NOFILE)
 
 
 async def _flood_client(port: int) -> str:
@@ -125,7 +97,7 @@ async def _held_request(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter])
         return type(exc).__name__
 
 
-async def emfile(server: ServeProcess, label: str) -> dict[str, object]:
+async def emfile(server: ServerProcess, label: str) -> dict[str, object]:
     await server.start()
     try:
         held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(HELD)]
@@ -141,7 +113,7 @@ async def emfile(server: ServeProcess, label: str) -> dict[str, object]:
                 return False
 
         try:
-            recovered: float | str = round(await wait_until(serves, within=20), 2)
+            recovered: float | str = round(await eventually(serves, within=20), 2)
         except TimeoutError:
             recovered = "not within 20 s"
         await asyncio.sleep(1)  # let the log catch up
@@ -149,7 +121,7 @@ async def emfile(server: ServeProcess, label: str) -> dict[str, object]:
         for _, writer in held:
             writer.close()
     finally:
-        await server.close()
+        await server.stop()
     return {
         "server": label,
         "held keep-alive before": dict(before),
@@ -185,7 +157,7 @@ async def drain(grace: float) -> dict[str, float]:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request_bytes("/await?delay=30"))
         routes = app[MONITOR].routes
-        await wait_until(in_flight_is(routes, 1), within=10)
+        await eventually(in_flight_is(routes, 1), within=10)
         started = time.monotonic()
         await runner.cleanup()
         results[label] = round(time.monotonic() - started, 2)
@@ -207,23 +179,23 @@ async def aborts(clients: int = 200, delay: float = 3.0) -> dict[str, float]:
         for _, writer in conns:
             writer.write(request_bytes(f"/await?delay={delay}"))
         routes = app[MONITOR].routes
-        await wait_until(in_flight_is(routes, clients), within=10)
+        await eventually(in_flight_is(routes, clients), within=10)
         for _, writer in conns:
             writer.close()
-        took = await wait_until(in_flight_is(routes, 0), within=delay + 10)
+        took = await eventually(in_flight_is(routes, 0), within=delay + 10)
         results[f"handler_cancellation={cancel}"] = round(took, 2)
         await runner.cleanup()
     return results
 
 
 async def main() -> None:
-    raise_nofile()
+    raise_nofile_limit()
     report: dict[str, object] = {"python": sys.version.split()[0]}
     emfile_runs = []
     for loop in LOOP_NAMES:
         for server, label in (
-            (BareProcess(loop), f"bare aiohttp, {loop}"),
-            (ServeProcess("--loop", loop, nofile=NOFILE), f"loop-lab, {loop}"),
+            (bare_process(loop), f"bare aiohttp, {loop}"),
+            (ServerProcess("--loop", loop, nofile=NOFILE), f"loop-lab, {loop}"),
         ):
             emfile_runs.append(await emfile(server, label))
     report["emfile"] = emfile_runs

@@ -4,8 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.launch import ServerThread, running_server
 from app.loops import LOOP_NAMES, LoopName
-from tests.servers import ServerThread, running_server
 
 
 @pytest.fixture(params=LOOP_NAMES)

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from app.bench.latency import percentile
 from app.bench.report import bench_report, load_generator_note
 from app.bench.runner import auto_processes, cpu_warnings
 from app.bench.sampler import parse_lag_histogram
 from app.cli import main
-from tests.servers import running_server
+from app.launch import running_server
+from app.percentiles import percentile
 
 PROBE = "/healthz (probe)"
 

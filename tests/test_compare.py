@@ -12,7 +12,7 @@ import pytest
 
 from app.bench.bench import BenchConfig
 from app.bench.compare import notes_for, run_order, summarize
-from tests.servers import running_server
+from app.launch import running_server
 
 
 def run_compare(out: Path, *args: str) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import pytest
 
 from app.keys import MONITOR
+from app.launch import ServerThread, running_server
 from app.loops import LoopName
-from tests.servers import ServerThread, running_server
 
 # what the server's side of a request is made of; the test's own objects are none of these
 REQUESTS = 20  # per run, each on its own connection

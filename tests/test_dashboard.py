@@ -21,9 +21,9 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from app.launch import ServerThread, running_server
 from app.loops import LoopName
 from app.monitor.lag import LagSampler
-from tests.servers import ServerThread, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent

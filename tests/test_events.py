@@ -8,7 +8,7 @@ import json
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,10 +17,10 @@ import pytest
 from app import events
 from app.events import BROADCASTER, Broadcaster
 from app.keys import MONITOR
+from app.launch import ServerThread, eventually, running_server
 from app.loops import LoopName
 from app.monitor.lag import LagSampler
 from app.stats import snapshot
-from tests.servers import ServerThread, running_server
 
 Update = dict[str, Any]
 
@@ -40,15 +40,6 @@ async def read_updates(response: aiohttp.ClientResponse, count: int) -> list[Upd
         if len(got) == count:
             break
     return got
-
-
-async def eventually(predicate: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    """Poll `predicate` until it holds; fail naming `what` if it never does."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def broadcaster_of(server: ServerThread) -> Broadcaster:
@@ -161,7 +152,9 @@ async def test_fifty_clients_some_silent_cost_little_and_leak_nothing(
     """50 streams (15 never read) share one snapshot a tick, keep lag low, leave no tasks behind."""
     with running_server(loop_name) as server:
         broadcaster = broadcaster_of(server)
-        await eventually(lambda: not broadcaster.subscribers, "no dashboards before the test")
+        await eventually(
+            lambda: not broadcaster.subscribers, within=15, what="no dashboards before the test"
+        )
         baseline_tasks = server_task_count(server)
         built_before = broadcaster.snapshots_built
         started = time.monotonic()
@@ -173,7 +166,9 @@ async def test_fifty_clients_some_silent_cost_little_and_leak_nothing(
             ) as session:
                 responses = [await session.get(f"{server.url}/events") for _ in range(35)]
                 try:
-                    await eventually(lambda: len(broadcaster.subscribers) == 50, "50 streams")
+                    await eventually(
+                        lambda: len(broadcaster.subscribers) == 50, within=15, what="50 streams"
+                    )
                     # two seconds of updates to every reader, while the silent ones fill up
                     got = await asyncio.gather(*(read_updates(r, 9) for r in responses))
                     assert all(len(g) == 9 for g in got)
@@ -196,11 +191,14 @@ async def test_fifty_clients_some_silent_cost_little_and_leak_nothing(
         assert stats["in_flight"] == 1  # only the /stats request itself: streams are not requests
 
         await eventually(
-            lambda: not broadcaster.subscribers, "every stream to notice its client left"
+            lambda: not broadcaster.subscribers,
+            within=15,
+            what="every stream to notice its client left",
         )
         await eventually(
             lambda: server_task_count(server) == baseline_tasks,
-            f"server tasks back to the baseline of {baseline_tasks}",
+            within=15,
+            what=f"server tasks back to the baseline of {baseline_tasks}",
         )
 
 
@@ -228,14 +226,21 @@ async def test_a_client_that_stops_reading_is_cut_off(
                         seen.append(update)
 
                 reader = asyncio.create_task(keep_reading())
-                await eventually(lambda: len(broadcaster.subscribers) == 2, "both streams")
-                await eventually(lambda: len(broadcaster.subscribers) == 1, "the stuck one cut off")
+                await eventually(
+                    lambda: len(broadcaster.subscribers) == 2, within=15, what="both streams"
+                )
+                await eventually(
+                    lambda: len(broadcaster.subscribers) == 1,
+                    within=15,
+                    what="the stuck one cut off",
+                )
                 assert broadcaster.dropped_total > 0  # its backlog overflowed: old updates dropped
                 # the reader never noticed: its updates keep coming, now counting one dashboard
                 count = len(seen)
                 await eventually(
                     lambda: len(seen) > count + 20 and seen[-1]["dashboards"] == 1,
-                    "the reader's updates to go on",
+                    within=15,
+                    what="the reader's updates to go on",
                 )
                 reader.cancel()
             # the cut-off connection is closed by the server, not left half-open
@@ -252,11 +257,15 @@ async def test_shutdown_does_not_wait_for_open_streams(loop_name: LoopName) -> N
         try:
             async with aiohttp.ClientSession() as session:
                 stream = await session.get(f"{server.url}/events")
-                await eventually(lambda: len(broadcaster.subscribers) == 2, "two streams")
+                await eventually(
+                    lambda: len(broadcaster.subscribers) == 2, within=15, what="two streams"
+                )
                 in_flight = asyncio.create_task(fetch(session, f"{server.url}/await?delay=0.5"))
                 assert server.server is not None
                 routes = server.server.app[MONITOR].routes
-                await eventually(lambda: routes.in_flight == 1, "the /await in flight")
+                await eventually(
+                    lambda: routes.in_flight == 1, within=15, what="the /await in flight"
+                )
 
                 started = time.monotonic()
                 stopping = asyncio.create_task(asyncio.to_thread(server.stop))
@@ -288,7 +297,8 @@ async def test_shutdown_cuts_a_stream_stuck_writing(
         try:
             await eventually(
                 lambda: any(s.writing for s in broadcaster.subscribers),
-                "a write stuck on a full socket",
+                within=15,
+                what="a write stuck on a full socket",
             )
             started = time.monotonic()
             await asyncio.to_thread(server.stop)

@@ -16,8 +16,8 @@ import pytest
 
 from app.config import GC_MODES, SettingError, Settings, build_settings
 from app.gctune import SHIPPED_THRESHOLDS, SWEEP_INTERVAL_S, TUNED_THRESHOLDS, YoungSweeper
+from app.launch import running_server
 from tests.deploy_support import http_get, http_json
-from tests.servers import running_server
 from tests.test_cli import serve_process
 
 GC_LINE = "loop_lab.gc: garbage collector"

@@ -21,9 +21,9 @@ from aiohttp.web_request import BaseRequest
 
 from app import awaiting
 from app.guard import PRIVATE_NAMES, SERVER_NAME, GuardedConnection, check_private_names
+from app.launch import running_server
 from app.loops import LoopName
 from tests.reliability_support import parse_response, request_bytes
-from tests.servers import running_server
 
 HEADER_TIMEOUT = 0.5
 KEEPALIVE_TIMEOUT = 3.0

@@ -9,38 +9,58 @@ import pytest
 from scripts import instructions
 from scripts.overhead import BenchError
 
-VALGRIND_LOG = """\
-==17057== Callgrind, a call-graph generating cache profiler
-==17057== Events    : Ir
-==17057== Collected : 1416982596
-==17057==
-==17057== I   refs:      1,416,982,596
+# the head of a callgrind dump as `callgrind_control --dump` makes it (valgrind 3.19)
+DUMP = """\
+# callgrind format
+version: 1
+creator: callgrind-3.19.0
+pid: 1508
+cmd:  /work/.venv/bin/python scripts/bare_server.py --loop asyncio --port 0
+part: 2
+
+desc: I1 cache:
+desc: Trigger: dump bare-asyncio-2
+
+positions: line
+events: Ir
+summary: 36353923
 """
 
 
-def test_collected_reads_the_exit_summary() -> None:
-    """The instruction count is callgrind's 'Collected' line, not the formatted 'I refs' one."""
-    assert instructions.collected(VALGRIND_LOG) == 1_416_982_596
+def test_dump_count_reads_the_summary() -> None:
+    """The instruction count of a dump is its 'summary:' line."""
+    assert instructions.dump_count(DUMP) == 36_353_923
 
 
-def test_collected_without_a_summary_is_a_bench_error() -> None:
-    """A valgrind log with no summary (the server died early) stops the measurement clearly."""
-    with pytest.raises(BenchError, match="Collected"):
-        instructions.collected("==1== Callgrind\n")
+def test_dump_without_a_summary_is_a_bench_error() -> None:
+    """A dump with no summary (cut short) stops the measurement clearly."""
+    with pytest.raises(BenchError, match="summary"):
+        instructions.dump_count("# callgrind format\n")
 
 
 def test_per_request_cancels_startup_and_shutdown() -> None:
-    """Two runs that share a fixed cost: the difference over the request counts is one request."""
+    """Two batches sharing a fixed cost: the difference over their request counts is one request."""
     fixed, each = 1_400_000_000, 190_000
     assert instructions.per_request(fixed + 1000 * each, fixed + 5000 * each, 1000, 5000) == each
     with pytest.raises(ValueError, match="more requests"):
         instructions.per_request(1, 2, 5000, 1000)
 
 
-def test_table_shows_the_extra_and_the_ratio() -> None:
-    """The table gives loop-lab's extra instructions (absolute and relative) and bare/loop-lab."""
-    table = instructions.markdown_table([instructions.Row("asyncio", "/healthz", 190_000, 200_000)])
-    assert "| asyncio | `/healthz` | 190,000 | 200,000 | +10,000 (+5.3%) | 0.950 |" in table
+def test_table_shows_both_additions_and_the_verdict() -> None:
+    """The table gives loop-lab's and OpenTelemetry's additions and loop-lab's share of it."""
+    rows = [
+        instructions.Row("asyncio", "/healthz", 200_000, 1_200_000, 210_000),
+        instructions.Row("uvloop", "/healthz", 200_000, 1_200_000, 260_000),
+    ]
+    table = instructions.markdown_table(rows)
+    assert (
+        "| asyncio | `/healthz` | 200,000 | 1,200,000 | 210,000 | +10,000 (+5.0%) | ≤ 15% "
+        "| +1,000,000 (+500.0%) | 0.010 (≤ 0.05) | yes |"
+    ) in table
+    assert rows[0].met
+    assert not rows[1].met  # +30% and 0.06 of OpenTelemetry's: both over
+    assert "| uvloop | `/healthz` |" in table
+    assert table.rstrip().endswith("| NO |")
 
 
 @pytest.mark.parametrize(

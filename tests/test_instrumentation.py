@@ -14,9 +14,9 @@ from app.config import Settings
 from app.events import events_handler
 from app.health import healthz_handler
 from app.keys import MONITOR
+from app.launch import ServerThread
 from app.monitor.middleware import UNMATCHED
 from app.monitor.steps import current_max_step_ms
-from tests.servers import ServerThread
 
 
 async def test_one_middleware_and_untouched_routes(server: ServerThread) -> None:

@@ -20,11 +20,11 @@ from aiohttp import web
 from app.application import create_app
 from app.config import Settings
 from app.keys import MONITOR
+from app.launch import eventually, running_server
 from app.loops import LoopName, loop_factory
 from app.monitor import middleware
 from app.monitor.route_stats import RouteRecord
 from app.monitor.steps import StepRecord, current_max_step_ms
-from tests.servers import running_server
 
 BLOCK_S = 0.08
 
@@ -119,10 +119,7 @@ async def _exercise(app: web.Application, url: str, hung: asyncio.Event) -> dict
             answers[path] = await _get(session, f"{url}/t/{path}")
         answers["missing"] = await _get(session, f"{url}/t/no-such-route")
         await _disconnect_while_hung(url, hung)
-        deadline = time.monotonic() + 10
-        while routes.in_flight_by_route():
-            assert time.monotonic() < deadline, routes.in_flight_by_route()
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not routes.in_flight_by_route(), within=10, what="all answered")
         async with session.get(f"{url}/stats") as response:
             answers["stats"] = await response.json()
     return answers
@@ -173,7 +170,7 @@ def test_same_figures_on_real_sockets(loop_name: LoopName) -> None:
     assert stats["in_flight"] == 1  # the /stats request itself
 
 
-def test_routes_in_flight_while_a_handler_blocks() -> None:
+async def test_routes_in_flight_while_a_handler_blocks() -> None:
     """While /block holds the loop, the watchdog's view (another thread) shows it in flight."""
     with (
         running_server("asyncio") as server,
@@ -184,15 +181,14 @@ def test_routes_in_flight_while_a_handler_blocks() -> None:
         assert server.server is not None
         routes = server.server.app[MONITOR].routes
         conn.sendall(b"GET /block?delay=0.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        deadline = time.monotonic() + 10
-        while routes.in_flight_by_route().get("/block") != 1:  # read as the watchdog reads it
-            assert time.monotonic() < deadline, "/block never showed in flight"
-            time.sleep(0.005)
-        assert b"200 OK" in conn.recv(65536)
-        deadline = time.monotonic() + 10
-        while routes.in_flight_by_route():
-            assert time.monotonic() < deadline, routes.in_flight_by_route()
-            time.sleep(0.005)
+        await eventually(  # read as the watchdog reads it, from another thread
+            lambda: routes.in_flight_by_route().get("/block") == 1,
+            within=10,
+            what="/block in flight",
+            interval=0.005,
+        )
+        assert b"200 OK" in await asyncio.to_thread(conn.recv, 65536)
+        await eventually(lambda: not routes.in_flight_by_route(), within=10, what="all answered")
         assert routes.by_route["/block"].max_step >= 0.45
 
 

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.monitor.lag import LagSampler, percentile
-from tests.servers import ServerThread, running_server
+from app.launch import ServerThread, running_server
+from app.monitor.lag import LagSampler
+from app.percentiles import percentile
 
 DESIGN_METRICS = {
     "looplab_loop_lag_seconds": "histogram",

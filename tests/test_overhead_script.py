@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from app.monitor.process import cpu_seconds
 from scripts import overhead
 
 # Captured from Debian's wrk 4.1.0 on this project's bare server.
@@ -103,10 +105,10 @@ def test_target_is_judged_on_the_median_ratio() -> None:
 
 def test_cpu_seconds_reads_this_process() -> None:
     """/proc gives this process's CPU time, growing as it works."""
-    before = overhead.cpu_seconds(os.getpid())
+    before = cpu_seconds(os.getpid())
     assert before is not None
     sum(i * i for i in range(2_000_000))
-    after = overhead.cpu_seconds(os.getpid())
+    after = cpu_seconds(os.getpid())
     assert after is not None
     assert after > before
 
@@ -121,34 +123,35 @@ def _get(url: str) -> tuple[int, Any]:
     return status, json.loads(body) if body.startswith(b"{") else body
 
 
-def test_servers_start_answer_alike_and_stop(tmp_path: Path) -> None:
-    """Both servers start on free ports, answer the same shapes, and exit 0 on SIGTERM."""
-    with (
+async def test_servers_start_answer_alike_and_stop(tmp_path: Path) -> None:
+    """The servers start on free ports, answer the same shapes, and exit 0 on SIGTERM."""
+    async with (
         overhead.run_server("bare", overhead.bare_command("asyncio", None), tmp_path) as bare,
         overhead.run_server("lab", overhead.lab_command("asyncio", None), tmp_path) as lab,
+        overhead.run_server(
+            "otel", overhead.bare_command("asyncio", None, otel=True), tmp_path
+        ) as otel,
     ):
-        assert bare.url != lab.url
-        for server in (bare, lab):
-            assert _get(f"{server.url}/healthz") == (200, b"ok")
-        (bare_status, bare_body), (lab_status, lab_body) = (
-            _get(f"{s.url}/await?delay=0") for s in (bare, lab)
-        )
-        assert bare_status == lab_status == 200
-        assert set(bare_body) == set(lab_body)
-        assert bare_body["pid"] == bare.process.pid
-        assert lab_body["pid"] == lab.process.pid
-        for server in (bare, lab):
-            status, body = _get(f"{server.url}/await?delay=nan")
+        servers = (bare, lab, otel)
+        assert len({s.url for s in servers}) == 3
+        keys = []
+        for server in servers:
+            assert await asyncio.to_thread(_get, f"{server.url}/healthz") == (200, b"ok")
+            status, body = await asyncio.to_thread(_get, f"{server.url}/await?delay=0")
+            assert status == 200
+            assert body["pid"] == server.pid
+            keys.append(set(body))
+            status, body = await asyncio.to_thread(_get, f"{server.url}/await?delay=nan")
             assert status == 400
             assert set(body) == {"error", "param", "allowed"}
         wrk = shutil.which("wrk")
         if wrk is not None:  # the load generator is optional for `make test`
-            for server in (bare, lab):
+            for server in servers:
                 run = overhead.run_wrk(wrk, f"{server.url}/healthz", 1, 4, None)
                 assert run.clean
                 assert run.requests > 0
-    assert bare.process.returncode == 0
-    assert lab.process.returncode == 0
+    assert keys[0] == keys[1] == keys[2]  # the same body on every side
+    assert [s.proc.returncode for s in servers if s.proc is not None] == [0, 0, 0]
 
 
 def test_missing_wrk_is_a_clear_error(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from app.launch import ServerThread, running_server
 from app.loops import LOOP_NAMES
 from tests.deploy_support import (
     REPO,
@@ -27,7 +28,6 @@ from tests.deploy_support import (
     require_program,
     wait_for,
 )
-from tests.servers import ServerThread, running_server
 
 PROMETHEUS_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
 GRAFANA = REPO / "deploy/grafana"

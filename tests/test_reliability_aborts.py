@@ -9,9 +9,10 @@ import struct
 import threading
 
 from app.keys import EXECUTORS, MONITOR
+from app.launch import ServerThread, eventually, running_server
 from app.loops import LoopName
-from tests.reliability_support import http_get, open_fds, raise_nofile, request_bytes, wait_until
-from tests.servers import ServerThread, running_server
+from app.monitor.process import raise_nofile_limit
+from tests.reliability_support import http_get, open_fds, request_bytes
 
 CLIENTS = 1000
 THREAD_WORKERS = 8
@@ -41,7 +42,7 @@ async def _settled(running: ServerThread) -> None:
     assert running.server is not None
     app = running.server.app
     monitor, executors = app[MONITOR], app[EXECUTORS]
-    await wait_until(
+    await eventually(
         lambda: (
             monitor.routes.in_flight == 0
             and monitor.connections.open == 0
@@ -64,7 +65,7 @@ async def _client(port: int, path: str) -> socket.socket:
 async def test_abort_storm_leaks_nothing(loop_name: LoopName) -> None:
     """1,000 clients hang up mid-/await and mid-/offload: in-flight drops to 0 long before the
     requests would have finished, and tasks, threads and fds return to their baseline."""
-    raise_nofile()
+    raise_nofile_limit()
     with running_server(
         loop_name, thread_workers=THREAD_WORKERS, pool_queue=CLIENTS, max_delay=60.0
     ) as running:
@@ -79,12 +80,12 @@ async def test_abort_storm_leaks_nothing(loop_name: LoopName) -> None:
 
         paths = ["/await?delay=30"] * (CLIENTS // 2) + ["/offload?delay=1"] * (CLIENTS // 2)
         socks = list(await asyncio.gather(*(_client(port, p) for p in paths)))
-        await wait_until(lambda: monitor.routes.in_flight == CLIENTS, within=30, what="all in")
+        await eventually(lambda: monitor.routes.in_flight == CLIENTS, within=30, what="all in")
         for i, sock in enumerate(socks):
             if i % 2:  # half hang up with a reset, half with a FIN
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-        back_to_zero = await wait_until(
+        back_to_zero = await eventually(
             lambda: monitor.routes.in_flight == 0, within=30, what="in-flight back to 0"
         )
         await _settled(running)
@@ -109,10 +110,10 @@ async def test_aborted_threadsafe_frees_its_worker(loop_name: LoopName) -> None:
         port = running.server.port
         pool = running.server.app[EXECUTORS].thread
         socks = [await _client(port, "/threadsafe?delay=30") for _ in range(2)]
-        await wait_until(lambda: pool.busy == 2, within=30, what="both workers waiting")
+        await eventually(lambda: pool.busy == 2, within=30, what="both workers waiting")
         for sock in socks:
             sock.close()
-        freed = await wait_until(lambda: pool.pending == 0, within=10, what="workers freed")
+        freed = await eventually(lambda: pool.pending == 0, within=10, what="workers freed")
         await _settled(running)
         # the pool serves again: its threads are not stuck behind the cancelled waits
         status, _, _ = await http_get(port, "/threadsafe?delay=0", within=5)

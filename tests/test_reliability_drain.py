@@ -8,15 +8,10 @@ import time
 
 import pytest
 
+from app.launch import ServerProcess, eventually
 from app.loops import LoopName
-from tests.reliability_support import (
-    ServeProcess,
-    get_json,
-    parse_response,
-    raise_nofile,
-    request_bytes,
-    wait_until,
-)
+from app.monitor.process import raise_nofile_limit
+from tests.reliability_support import get_json, parse_response, request_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +29,7 @@ async def _send(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.Str
 
 
 async def _sigterm_past_grace(
-    server: ServeProcess,
+    server: ServerProcess,
     clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
     grace: float,
 ) -> tuple[list[bytes], int, float]:
@@ -58,15 +53,15 @@ async def _all_in_flight(port: int, expected: int) -> None:
     async def reached() -> bool:
         return await _demo_in_flight(port) == expected
 
-    await wait_until(reached, within=30, what=f"{expected} requests in flight")
+    await eventually(reached, within=30, what=f"{expected} requests in flight")
 
 
 async def test_sigterm_drains_1000_in_flight_requests(loop_name: LoopName) -> None:
     """SIGTERM with 1,000 /await + /offload in flight: all answered 200, new connections
     refused while draining, exit 0 before the grace period ends."""
-    raise_nofile()
+    raise_nofile_limit()
     grace = 20.0
-    server = await ServeProcess(
+    server = await ServerProcess(
         "--loop",
         loop_name,
         "--thread-workers",
@@ -98,7 +93,7 @@ async def test_sigterm_drains_1000_in_flight_requests(loop_name: LoopName) -> No
     finally:
         for _, writer in clients:
             writer.close()
-        await server.close()
+        await server.stop()
 
     statuses = [parse_response(r)[0] for r in raw]
     assert statuses.count(200) == IN_FLIGHT, f"lost: {IN_FLIGHT - statuses.count(200)}"
@@ -114,7 +109,7 @@ async def test_grace_deadline_cuts_and_counts_the_rest(loop_name: LoopName) -> N
     """Requests still running when the grace period ends get a clean close (EOF, no reset),
     the log counts them, and the process exits soon after the deadline, pools included."""
     grace = 1.0
-    server = await ServeProcess(
+    server = await ServerProcess(
         "--loop", loop_name, "--grace", str(grace), "--thread-workers", "4"
     ).start()
     paths = ["/await?delay=30"] * 6
@@ -128,7 +123,7 @@ async def test_grace_deadline_cuts_and_counts_the_rest(loop_name: LoopName) -> N
     finally:
         for _, writer in clients:
             writer.close()
-        await server.close()
+        await server.stop()
     assert raw == [b""] * len(paths)
     assert code == 0
     assert grace <= took < grace + 5, took  # not the 30 s the sleeping workers asked for
@@ -141,7 +136,7 @@ async def test_grace_deadline_frees_threadsafe_workers(loop_name: LoopName) -> N
     """/threadsafe requests still running at the grace deadline do not hold the process for
     their delay: their worker threads' waits are cancelled and the server exits soon after."""
     grace = 1.0
-    server = await ServeProcess(
+    server = await ServerProcess(
         "--loop", loop_name, "--grace", str(grace), "--thread-workers", "4"
     ).start()
     paths = ["/threadsafe?delay=30"] * 4  # every pool thread waits on a 30 s coroutine
@@ -156,12 +151,12 @@ async def test_grace_deadline_frees_threadsafe_workers(loop_name: LoopName) -> N
                 and stats["executor"]["thread"]["busy"] == len(paths)
             )
 
-        await wait_until(all_waiting, within=30, what="threadsafe workers waiting")
+        await eventually(all_waiting, within=30, what="threadsafe workers waiting")
         raw, code, took = await _sigterm_past_grace(server, clients, grace)
     finally:
         for _, writer in clients:
             writer.close()
-        await server.close()
+        await server.stop()
     assert raw == [b""] * len(paths)
     assert code == 0
     assert grace <= took < grace + 5, took  # not the 30 s the coroutines asked for

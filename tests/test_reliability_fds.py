@@ -9,15 +9,10 @@ from collections import Counter
 
 import pytest
 
+from app.launch import ServerProcess, eventually
 from app.loops import LoopName
-from tests.reliability_support import (
-    ServeProcess,
-    http_get,
-    parse_response,
-    raise_nofile,
-    request_bytes,
-    wait_until,
-)
+from app.monitor.process import raise_nofile_limit
+from tests.reliability_support import http_get, parse_response, request_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +62,8 @@ async def _flood_client(port: int) -> str:
 async def test_fd_exhaustion_is_survived_and_reported(loop_name: LoopName) -> None:
     """Under `ulimit -n 256`, a flood of 600 connections: one clear log line, the connections
     already open keep being served, /stats and /metrics show it, and it serves again after."""
-    raise_nofile()
-    server = await ServeProcess("--loop", loop_name, nofile=NOFILE).start()
+    raise_nofile_limit()
+    server = await ServerProcess("--loop", loop_name, nofile=NOFILE).start()
     try:
         held = [await KeepAlive.open(server.port) for _ in range(HELD)]
         for conn in held:
@@ -89,11 +84,11 @@ async def test_fd_exhaustion_is_survived_and_reported(loop_name: LoopName) -> No
             except (OSError, TimeoutError):
                 return False
 
-        recovered_after = await wait_until(serves_new_connections, within=30, what="recovery")
+        recovered_after = await eventually(serves_new_connections, within=30, what="recovery")
         for conn in held:
             conn.writer.close()
     finally:
-        await server.close()
+        await server.stop()
 
     assert outcomes["200"] > 0
     assert len(outcomes) > 1, outcomes  # not everybody was served: the limit was real

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from app.application import create_app
 from app.config import Settings
 from app.keys import MONITOR
-from tests.servers import ServerThread, running_server
+from app.launch import ServerThread, running_server
 
 ALLOWED = {200, 400, 405, 413, 431}
 PARAMS = ["delay", "n", "pool", "via"]  # every parameter an endpoint reads, plus noise below

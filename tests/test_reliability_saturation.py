@@ -9,8 +9,10 @@ from collections import Counter
 
 import pytest
 
+from app.launch import ServerProcess
 from app.loops import LoopName
-from tests.reliability_support import ServeProcess, get_json, http_get, raise_nofile, rss_mb
+from app.monitor.process import raise_nofile_limit
+from tests.reliability_support import get_json, http_get, rss_mb
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +26,8 @@ DELAY = 0.2
 async def test_offload_flood_is_bounded(loop_name: LoopName) -> None:
     """Waves of 1,000 concurrent /offload at a 4-worker pool: the queue never passes its bound,
     the excess gets 503 with a JSON reason and Retry-After, and RSS stays flat across waves."""
-    raise_nofile()
-    server = await ServeProcess(
+    raise_nofile_limit()
+    server = await ServerProcess(
         "--loop",
         loop_name,
         "--thread-workers",
@@ -54,7 +56,7 @@ async def test_offload_flood_is_bounded(loop_name: LoopName) -> None:
         stats = await get_json(server.port, "/stats")
         status, _, _ = await http_get(server.port, "/healthz")
     finally:
-        await server.close()
+        await server.stop()
 
     assert set(statuses) == {200, 503}
     assert statuses[200] >= WAVES * (WORKERS + QUEUE)  # at least a full pool's worth each wave

@@ -10,9 +10,9 @@ import pytest
 
 from app import awaiting
 from app.config import Settings, build_settings
+from app.launch import running_server
 from app.loops import LoopName
 from tests.reliability_support import http_get, parse_response
-from tests.servers import running_server
 
 
 def test_defaults_bind_loopback_and_bound_bodies() -> None:

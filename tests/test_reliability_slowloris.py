@@ -11,9 +11,10 @@ import pytest
 
 from app.config import SettingError, build_settings
 from app.keys import MONITOR
+from app.launch import eventually, running_server
 from app.loops import LoopName
-from tests.reliability_support import http_get, raise_nofile, request_bytes, wait_until
-from tests.servers import running_server
+from app.monitor.process import raise_nofile_limit
+from tests.reliability_support import http_get, request_bytes
 
 STALLED = 2000
 HEADER_TIMEOUT = 1.0
@@ -52,7 +53,7 @@ def test_timeout_settings_parse() -> None:
 async def test_2000_stalled_connections_are_cut_and_probe_stays_fast(loop_name: LoopName) -> None:
     """2,000 half-sent request lines: /healthz answers meanwhile, and every stalled connection
     gets a 408 and is closed once the header timeout passes, not before."""
-    raise_nofile()
+    raise_nofile_limit()
     with running_server(
         loop_name, header_timeout=HEADER_TIMEOUT, keepalive_timeout=KEEPALIVE_TIMEOUT
     ) as running:
@@ -63,7 +64,7 @@ async def test_2000_stalled_connections_are_cut_and_probe_stays_fast(loop_name: 
         stalled = list(await asyncio.gather(*(_stall(port) for _ in range(STALLED))))
         connected = time.monotonic() - started
         closes = [asyncio.create_task(_closed_after(r, started)) for r, _ in stalled]
-        await wait_until(lambda: monitor.connections.open >= STALLED, within=10, what="all open")
+        await eventually(lambda: monitor.connections.open >= STALLED, within=10, what="all open")
 
         probes = []
         for _ in range(20):
@@ -74,7 +75,7 @@ async def test_2000_stalled_connections_are_cut_and_probe_stays_fast(loop_name: 
         still_open = monitor.connections.open
 
         results = await asyncio.wait_for(asyncio.gather(*closes), 30)
-        await wait_until(lambda: monitor.connections.open == 0, within=10, what="all closed")
+        await eventually(lambda: monitor.connections.open == 0, within=10, what="all closed")
         timeouts = monitor.accept.header_timeouts
         for _, writer in stalled:
             writer.close()

@@ -6,7 +6,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.servers import ServerThread
+from app.launch import ServerThread
 
 
 async def _json(url: str) -> dict[str, Any]:
@@ -32,7 +32,7 @@ async def test_schedule_reports_every_callback_once_in_loop_time_order(
 
 async def test_schedule_asyncio_runs_ready_queue_before_io_before_timers() -> None:
     """On asyncio, call_soon and create_task run first, then the I/O callback, then timers."""
-    from tests.servers import running_server
+    from app.launch import running_server
 
     with running_server("asyncio") as server:
         body = await _json(f"{server.url}/schedule")

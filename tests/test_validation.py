@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import ServerThread, running_server
+from app.launch import ServerThread, running_server
 
 BAD_DELAYS = [
     "abc",

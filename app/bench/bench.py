@@ -17,16 +17,11 @@ from app.bench.plots import RunPlots
 from app.bench.progress import BenchProgress
 from app.bench.report import bench_report
 from app.bench.results import PROBE_NAME, ServerRun, build_result, source_version, write_json
-from app.bench.runner import (
-    LocustCommand,
-    ServerProcess,
-    auto_processes,
-    cpu_seconds,
-    raise_nofile_limit,
-    run_locust,
-)
+from app.bench.runner import LocustCommand, auto_processes, lab_server, run_locust
 from app.bench.sampler import ServerSample, StatsSampler
+from app.launch import ServerProcess
 from app.loops import LoopName
+from app.monitor.process import cpu_seconds, raise_nofile_limit
 
 SAMPLES_ENV = "LOOP_LAB_SAMPLES_DIR"  # read by loadtest/looplab_users.py
 LOCUST_GRACE_S = 180.0  # startup, stopping 10k users, writing reports
@@ -102,20 +97,20 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
     with BenchProgress(title, config.duration_s, enabled=config.progress) as progress:
         try:
             if config.target is None:
-                server = ServerProcess(
+                server = lab_server(
                     config.loop,
                     config.out / "server.log",
                     max_delay=max(60.0, 2 * config.delay_s, 2 * config.block_s),
                 )
                 progress.status(f"starting a {config.loop} server")
-                url = await server.start()
+                url = (await server.start()).url
             else:
                 url = config.target.rstrip("/")
             async with StatsSampler(url, config.sample_interval_s) as sampler:
                 baseline = await sampler.sample()
                 sampler.samples.clear()
                 sampler.on_sample = progress.on_sample
-                cpu_before = cpu_seconds(server.pid) if server and server.pid else None
+                cpu_before = cpu_seconds(server.pid) if server else None
                 processes = config.locust_processes()
                 command = LocustCommand(
                     locustfile=locustfile,
@@ -139,7 +134,7 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
                 )
                 await sampler.stop()
                 await sampler.sample()  # the final counters, after the last request
-                cpu_after = cpu_seconds(server.pid) if server and server.pid else None
+                cpu_after = cpu_seconds(server.pid) if server else None
                 during = list(sampler.samples)
         finally:
             if server is not None:

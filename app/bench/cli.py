@@ -127,7 +127,7 @@ def _bench_config(args: argparse.Namespace, out: Path, loop: LoopName) -> BenchC
 
 def _bench(args: argparse.Namespace) -> int:
     from app.bench.bench import BenchError, run_bench, summary_line
-    from app.bench.runner import ProcessError
+    from app.launch import ProcessError
 
     loop = cast(LoopName, args.loop)
     out = args.out or Path("results") / f"bench-{args.scenario}-{loop}-{args.users}"
@@ -150,7 +150,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from app.bench.bench import BenchError
     from app.bench.compare import CompareConfig, run_compare
-    from app.bench.runner import ProcessError
+    from app.launch import ProcessError
 
     if (args.asyncio_url is None) != (args.uvloop_url is None):
         print(

@@ -1,7 +1,8 @@
 """The processes a bench run starts: the server under test and locust, each with its own log.
 
-Both inherit this process's RLIMIT_NOFILE, which `raise_nofile_limit` lifts to the hard limit first:
-locust would raise its soft limit only to 10,000, too few for 10,000 sockets plus its own files.
+Both inherit this process's RLIMIT_NOFILE, which the bench lifts to the hard limit first
+(app.monitor.process.raise_nofile_limit): locust would raise its soft limit only to 10,000, too
+few for 10,000 sockets plus its own files.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ import asyncio
 import contextlib
 import math
 import os
-import re
-import resource
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import aiohttp
-
+from app.launch import ProcessError, ServerProcess, free_port
 from app.loops import LoopName
+from app.monitor.process import cpu_seconds
 
 SERVE_BACKLOG = 4096
-_SERVING = re.compile(r"serving on (http://\S+)")
 # lines locust logs when a process ran above its CPU threshold (master, workers, or at the end)
 CPU_WARNING_PATTERNS = (
     "CPU usage above",
@@ -37,28 +34,6 @@ CPU_WARNING_PATTERNS = (
 # one locust process saturates near 2.5-3k requests/s on this kind of box; users are cheap, but
 # give every ~5,000 users their own process so greenlets and sockets spread over the cores
 USERS_PER_PROCESS = 5000
-
-
-class ProcessError(RuntimeError):
-    """A child process failed to start, to get ready, or to exit in time."""
-
-
-def raise_nofile_limit() -> int:
-    """Lift RLIMIT_NOFILE's soft limit to the hard limit; children inherit it. Returns the soft."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def auto_processes(users: int) -> int:
@@ -82,105 +57,30 @@ async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
     return proc.returncode
 
 
-async def _copy_lines(
-    stream: asyncio.StreamReader, sink: IO[bytes], found: asyncio.Future[str] | None = None
-) -> None:
-    """Copy a child's output to its log file; resolve `found` with the URL it announces."""
+async def _copy_lines(stream: asyncio.StreamReader, sink: IO[bytes]) -> None:
+    """Copy a child's output to its log file as it comes."""
     while line := await stream.readline():
         sink.write(line)
         sink.flush()
-        if found is not None and not found.done():
-            match = _SERVING.search(line.decode(errors="replace"))
-            if match:
-                found.set_result(match.group(1))
-    if found is not None and not found.done():
-        found.set_exception(ProcessError("the server exited before it started serving"))
 
 
-async def wait_healthy(url: str, deadline: float) -> None:
-    """Poll GET /healthz until it answers 200 or the monotonic `deadline` passes."""
-    timeout = aiohttp.ClientTimeout(total=2)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        while True:
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise ProcessError(f"{url}/healthz did not answer 200 in time")
-            await asyncio.sleep(0.1)
-
-
-@dataclass
-class ServerProcess:
-    """`python -m app serve` on a free port with the chosen loop, logging to `log_path`."""
-
-    loop: LoopName
-    log_path: Path
-    max_delay: float = 60.0
-    thread_workers: int = 8
-    proc: asyncio.subprocess.Process | None = None
-    url: str = ""
-    _log: IO[bytes] | None = None
-    _copier: asyncio.Task[None] | None = None
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "app",
-            "serve",
-            "--loop",
-            self.loop,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",  # the server picks a free port and logs it: no race with other servers here
-            "--backlog",
-            str(SERVE_BACKLOG),
-            "--max-delay",
-            f"{self.max_delay:g}",
-            "--thread-workers",
-            str(self.thread_workers),
-            "--grace",
-            "5",
-        ]
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    async def start(self, ready_within: float = 60.0) -> str:
-        deadline = time.monotonic() + ready_within
-        self._log = _open_log(self.log_path)
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        assert self.proc.stdout is not None
-        announced: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._copier = asyncio.create_task(_copy_lines(self.proc.stdout, self._log, announced))
-        try:
-            self.url = await asyncio.wait_for(announced, ready_within)
-            await wait_healthy(self.url, deadline)
-        except (ProcessError, TimeoutError) as exc:
-            await self.stop()
-            raise ProcessError(f"server did not get ready ({exc}); see {self.log_path}") from exc
-        return self.url
-
-    async def stop(self) -> int | None:
-        code = None
-        if self.proc is not None:
-            code = await _terminate(self.proc, grace=20.0)
-        if self._copier is not None:
-            await self._copier
-        if self._log is not None:
-            self._log.close()
-        return code
+def lab_server(
+    loop: LoopName, log_path: Path, *, max_delay: float = 60.0, thread_workers: int = 8
+) -> ServerProcess:
+    """`python -m app serve` on a port of its own choosing, with the chosen loop."""
+    return ServerProcess(
+        "--loop",
+        loop,
+        "--backlog",
+        str(SERVE_BACKLOG),
+        "--max-delay",
+        f"{max_delay:g}",
+        "--thread-workers",
+        str(thread_workers),
+        "--grace",
+        "5",
+        log_path=log_path,
+    )
 
 
 @dataclass(frozen=True)
@@ -244,16 +144,6 @@ class LocustOutcome:
     cpu_warning_lines: tuple[str, ...]
     wall_s: float
     cpu_s: float  # user + system CPU of every locust process (master and forked workers)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a local process (Linux /proc), None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(pid: int) -> list[int]:

@@ -11,15 +11,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from app.claims.probes import Ticker, ms, per_loop, run_on
-from app.claims.registry import Outcome, claim, verdict_of
+from app.claims.registry import Outcome, claim, per_loop_evidence, verdict_of
+from app.cpu import burn
 from app.loops import LoopName
 
 BLOCK = 0.1  # seconds each blocking call lasts
 TICK = 0.005  # the watching task's interval
-
-
-def _evidence(parts: dict[LoopName, str]) -> str:
-    return "; ".join(f"{name}: {text}" for name, text in parts.items())
 
 
 def _watch(name: LoopName, make: Callable[[], Awaitable[object]]) -> tuple[int, float]:
@@ -60,7 +57,7 @@ def blocking_call_freezes_loop() -> Outcome:
         f"(gap {ms(ok_gap)})"
         for name, ((ticks, gap), (ok_ticks, ok_gap)) in runs.items()
     }
-    return Outcome(verdict_of(checks), _evidence(parts), {"runs": runs})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"runs": runs})
 
 
 @claim(
@@ -89,15 +86,7 @@ def run_in_executor_keeps_loop_free() -> Outcome:
         f"{ticks} times (~{expected:.0f} possible), longest gap {ms(gap)}"
         for name, (ticks, gap) in runs.items()
     }
-    return Outcome(verdict_of(checks), _evidence(parts), {"runs": runs})
-
-
-def burn(n: int) -> int:
-    """Pure-Python CPU work: holds the GIL the whole time."""
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"runs": runs})
 
 
 GIL_FREE = "threads running sha256 (releases the GIL)"

@@ -128,12 +128,6 @@ class Ticker:
         return inside, gap
 
 
-def rss_bytes() -> int:
-    """Current resident set size (not the peak), from /proc."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def wait_until_polling(native_id: int, timeout: float = 2.0) -> bool:
     """Wait until the thread is asleep in a poll syscall; False if that cannot be seen in time.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from app.claims.article import quote_position
+from app.loops import LoopName
 
 K = TypeVar("K")
 Verdict = Literal["true", "false", "partly"]
@@ -82,3 +83,8 @@ def verdict_of(checks: Mapping[K, bool]) -> Verdict:
     if held == len(checks):
         return "true"
     return "false" if held == 0 else "partly"
+
+
+def per_loop_evidence(parts: Mapping[LoopName, str]) -> str:
+    """One experiment's evidence on each loop, in one line: `asyncio: ...; uvloop: ...`."""
+    return "; ".join(f"{name}: {text}" for name, text in parts.items())

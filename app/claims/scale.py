@@ -14,9 +14,10 @@ import time
 import tracemalloc
 from typing import cast
 
-from app.claims.probes import Ticker, loop_in_thread, ms, per_loop, rss_bytes, run_on
+from app.claims.probes import Ticker, loop_in_thread, ms, per_loop, run_on
 from app.claims.registry import Outcome, claim, verdict_of
 from app.loops import LoopName
+from app.monitor.process import raise_nofile_limit, rss_bytes
 
 WAITERS = 2000
 CONNECTIONS = 10_000
@@ -155,10 +156,10 @@ def tasks_cheaper_than_threads() -> Outcome:
 
 # The clients live in another process so the server's fd budget covers all 10,000 connections.
 _CLIENT = r"""
-import json, resource, socket, sys, time
+import json, socket, sys, time
+from app.monitor.process import raise_nofile_limit
 port, n = int(sys.argv[1]), int(sys.argv[2])
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+raise_nofile_limit()
 socks = []
 try:
     t0 = time.monotonic()
@@ -216,12 +217,7 @@ class _Pong(asyncio.Protocol):
 
 def _fd_budget(wanted: int) -> int:
     """Raise the soft RLIMIT_NOFILE as far as the hard limit allows; return how many fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + 256
-    if soft < need:
-        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return min(wanted, soft - 256)
+    return min(wanted, raise_nofile_limit() - 256)
 
 
 def _hold_connections(name: LoopName, n: int) -> dict[str, float]:

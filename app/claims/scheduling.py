@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 
 from app.claims.probes import ms, per_loop, polled_loop, run_on
-from app.claims.registry import Outcome, claim, verdict_of
+from app.claims.registry import Outcome, claim, per_loop_evidence, verdict_of
 from app.loops import LoopName, new_event_loop
 
 # The first example's delays (1.0 s and 0.5 s) are scaled down so the run stays fast.
@@ -22,10 +22,6 @@ task2 starting...
 task2 done after 0.5s
 task1 done after 1.0s
 Results: ['data from task1', 'data from task2']"""
-
-
-def _per_loop_evidence(parts: dict[LoopName, str]) -> str:
-    return "; ".join(f"{name}: {text}" for name, text in parts.items())
 
 
 @claim(
@@ -70,7 +66,7 @@ def first_example_order() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        f"delays scaled x{SCALE} (1.0 s -> 100 ms, 0.5 s -> 50 ms). " + _per_loop_evidence(parts),
+        f"delays scaled x{SCALE} (1.0 s -> 100 ms, 0.5 s -> 50 ms). " + per_loop_evidence(parts),
         {
             "lines": {n: r[0] for n, r in runs.items()},
             "total_s": {n: r[2] for n, r in runs.items()},
@@ -114,7 +110,7 @@ def gather_all_results() -> Outcome:
             f"took {ms(took)} (longest {ms(longest)}, sum {ms(total)}); finished in order "
             f"{finished}, results returned in argument order: {in_order}"
         )
-    return Outcome(verdict_of(checks), _per_loop_evidence(parts), {"checks": checks})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"checks": checks})
 
 
 def _polls_until_run(name: LoopName, schedule: str) -> tuple[bool, list[int], bool]:
@@ -171,7 +167,7 @@ def _next_iteration_outcome(schedule: str) -> Outcome:
             f"ran inside {schedule}(): {inline}; I/O polls between scheduling and running: "
             f"{polls}; FIFO: {fifo}"
         )
-    return Outcome(verdict_of(checks), _per_loop_evidence(parts), {"checks": checks})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"checks": checks})
 
 
 @claim(
@@ -243,7 +239,7 @@ def _timer_outcome(absolute: bool) -> Outcome:
     )
     return Outcome(
         verdict_of(checks),
-        f"200 timers, delays 1.45-20.45 ms, judged by {clock}: " + _per_loop_evidence(parts) + note,
+        f"200 timers, delays 1.45-20.45 ms, judged by {clock}: " + per_loop_evidence(parts) + note,
         {"early": {n: sum(e < -tolerance for e in errs) for n, errs in runs.items()}},
     )
 
@@ -287,7 +283,7 @@ def loop_time_since_start() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _per_loop_evidence(parts) + " -- loop.time() is the monotonic clock (epoch ~ boot), "
+        per_loop_evidence(parts) + " -- loop.time() is the monotonic clock (epoch ~ boot), "
         "not seconds since loop start",
         {"loop_time": {n: r[0] for n, r in runs.items()}},
     )
@@ -352,7 +348,7 @@ def soon_before_io_later_after() -> Outcome:
     return Outcome(
         verdict_of(checks),
         "socket made readable, a 1 ms timer made due, call_soon pending, all at once: "
-        + _per_loop_evidence(parts)
+        + per_loop_evidence(parts)
         + " (asyncio polls first -- with timeout 0, as callbacks are ready -- then runs the "
         "call_soon callbacks, then I/O callbacks, then due timers; libuv runs I/O callbacks "
         "inside its poll phase and timers at the start of the next iteration, and uvloop turns "
@@ -397,7 +393,7 @@ def single_threaded() -> Outcome:
         f"run_in_executor work ran on another thread: {other}"
         for n, (peak, nthreads, other) in runs.items()
     }
-    return Outcome(verdict_of(checks), _per_loop_evidence(parts), {"runs": runs})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"runs": runs})
 
 
 @claim(
@@ -441,7 +437,7 @@ def switch_only_at_await() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _per_loop_evidence(parts) + " (await is where a switch can happen, not where one must)",
+        per_loop_evidence(parts) + " (await is where a switch can happen, not where one must)",
         {"runs": {n: r[0] for n, r in runs.items()}},
     )
 
@@ -490,7 +486,7 @@ def eliminates_race_conditions() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _per_loop_evidence(parts) + " -- no data races inside a step, but logical races across "
+        per_loop_evidence(parts) + " -- no data races inside a step, but logical races across "
         "an await remain",
         {"lost": runs},
     )
@@ -571,7 +567,7 @@ def loop_stop_finishes_iteration() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _per_loop_evidence(parts) + " (uvloop's stop() is itself a queued callback, so one "
+        per_loop_evidence(parts) + " (uvloop's stop() is itself a queued callback, so one "
         "more batch runs)",
         {"checks": checks},
     )
@@ -635,7 +631,7 @@ def cancel_with_cancellederror() -> Outcome:
     parts = {name: ", ".join(f"{k}: {v}" for k, v in facts.items()) for name, facts in runs.items()}
     return Outcome(
         verdict_of(checks),
-        _per_loop_evidence(parts) + " -- the call is task.cancel(); CancelledError is what it "
+        per_loop_evidence(parts) + " -- the call is task.cancel(); CancelledError is what it "
         "delivers",
         {"facts": runs},
     )

@@ -7,14 +7,10 @@ import time
 from contextlib import closing
 
 from app.claims.probes import epoll_fds, epoll_watched, ms, per_loop, polled_loop, run_on
-from app.claims.registry import Outcome, claim, verdict_of
+from app.claims.registry import Outcome, claim, per_loop_evidence, verdict_of
 from app.loops import LoopName, new_event_loop
 
 SLEEP = 0.1
-
-
-def _evidence(parts: dict[LoopName, str]) -> str:
-    return "; ".join(f"{name}: {text}" for name, text in parts.items())
 
 
 def _select_timeouts(during: float) -> tuple[list[float | None], float]:
@@ -64,7 +60,8 @@ def selector_no_busy_wait() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _evidence(parts) + f" (asyncio: {len(timeouts)} select() call(s), timeouts {shown})",
+        per_loop_evidence(parts)
+        + f" (asyncio: {len(timeouts)} select() call(s), timeouts {shown})",
         {"cpu_s": runs, "asyncio_select_timeouts": timeouts},
     )
 
@@ -105,7 +102,8 @@ def sleep_registers_timer_with_selector() -> Outcome:
     shown = ", ".join("None" if t is None else f"{t:.3f} s" for t in timeouts)
     return Outcome(
         verdict_of(checks),
-        _evidence(parts) + f" -- the timer stays in the loop's own heap and only bounds the "
+        per_loop_evidence(parts)
+        + f" -- the timer stays in the loop's own heap and only bounds the "
         f"poll's timeout (asyncio passed select() timeout {shown})",
         {"watched": runs},
     )

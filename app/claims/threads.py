@@ -10,14 +10,10 @@ from collections.abc import Callable
 from contextlib import closing
 
 from app.claims.probes import loop_in_thread, ms, per_loop, run_on, wait_until_polling
-from app.claims.registry import Outcome, claim, verdict_of
+from app.claims.registry import Outcome, claim, per_loop_evidence, verdict_of
 from app.loops import LoopName, loop_factory, new_event_loop
 
 ALREADY_RUNNING = "This event loop is already running"
-
-
-def _evidence(parts: dict[LoopName, str]) -> str:
-    return "; ".join(f"{name}: {text}" for name, text in parts.items())
 
 
 def _raised(fn: Callable[[], object]) -> str:
@@ -70,7 +66,7 @@ def asyncio_run_in_thread_raises() -> Outcome:
         f"{fresh} (its own fresh loop); main_loop.run_until_complete() from that thread {busy}"
         for name, (fresh, busy) in runs.items()
     }
-    return Outcome(verdict_of(checks), _evidence(parts), {"results": runs})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"results": runs})
 
 
 @claim(
@@ -128,7 +124,7 @@ def run_coroutine_threadsafe_future() -> Outcome:
             f"after {ms(took)}; coroutine ran on the loop's thread: {on_loop_thread}; "
             f"submitted before the loop started, delivered once it ran: {early_ok}"
         )
-    return Outcome(verdict_of(checks), _evidence(parts), {"checks": checks})
+    return Outcome(verdict_of(checks), per_loop_evidence(parts), {"checks": checks})
 
 
 def _wake_latency(
@@ -195,7 +191,7 @@ def loop_not_thread_safe() -> Outcome:
         )
     return Outcome(
         verdict_of(checks),
-        _evidence(parts),
+        per_loop_evidence(parts),
         {"latency_s": {n: {"call_soon": r[0], "threadsafe": r[1]} for n, r in runs.items()}},
     )
 
@@ -259,7 +255,8 @@ def cross_thread_requires_rct() -> Outcome:
     }
     return Outcome(
         verdict_of(checks),
-        _evidence(parts) + " -- a thread-safe entry is required, run_coroutine_threadsafe is one "
+        per_loop_evidence(parts)
+        + " -- a thread-safe entry is required, run_coroutine_threadsafe is one "
         "of several",
         {"took_s": runs},
     )

@@ -8,11 +8,12 @@ A callback chain costs less than a task and behaves the same on asyncio and uvlo
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from app.percentiles import percentile
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +25,6 @@ class LagSummary:
 
     def as_dict(self) -> dict[str, float]:
         return {"p50": self.p50_ms, "p99": self.p99_ms, "max": self.max_ms}
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0.0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[rank]
 
 
 class LagSampler:

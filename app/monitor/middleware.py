@@ -27,6 +27,7 @@ from app.monitor.steps import STEPS, StepRecord
 
 UNMATCHED = "unmatched"  # the route name of requests no route took (404, 405)
 CLIENT_CLOSED = 499  # the client went away before the answer (nginx's convention)
+_NEW = RouteRecord("(a route not seen yet)")  # marks a miss in the middleware's route cache
 
 # Streams that last as long as a client stays (the dashboard's /events) are not requests in the
 # sense the figures mean: each open dashboard would show as one request in flight for hours. They
@@ -59,7 +60,9 @@ def request_middleware(stats: RouteStats) -> Middleware:
     def monitor_requests(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         # a plain function returning the driver: no coroutine frame of its own per request
         route = request.match_info.route
-        record = records[route] if route in records else record_for(route)
+        record = records.get(route, _NEW)
+        if record is _NEW:
+            record = record_for(route)
         if record is None:
             return handler(request)
         request[STEPS] = steps = StepRecord()  # demo responses read their max_step_ms there
@@ -88,7 +91,9 @@ def _drive(
     A generator-based coroutine (`types.coroutine`): `await` on it delegates to it as to any
     coroutine, and it relays each value between the Task and the handler.
     """
-    coro = awaitable.__await__()  # a coroutine's own iterator, or a class-based view's
+    # a coroutine is sent into itself; a class-based view (awaitable, not a coroutine) through
+    # its __await__ iterator
+    coro = awaitable if type(awaitable) is types.CoroutineType else awaitable.__await__()
     record.in_flight += 1
     send_value: Any = None
     error: BaseException | None = None

@@ -10,13 +10,12 @@ loop like the requests, so a scrape never sees a half-made update.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
-from app.metrics import DURATION_BUCKETS, STEP_BUCKETS
+from app.metrics import DURATION_BUCKETS, STEP_BUCKETS, cumulative_buckets, le_labels
 
 
 class RouteRecord:
@@ -81,23 +80,8 @@ class RouteRecord:
         }
 
 
-def _le_labels(bounds: Sequence[float]) -> tuple[str, ...]:
-    """`le` labels spelled as prometheus_client spells its own (`0.005`, `1.0`, `+Inf`)."""
-    return tuple(str(floatToGoString(b)) for b in (*bounds, float("inf")))  # type: ignore[no-untyped-call]
-
-
-_DURATION_LE = _le_labels(DURATION_BUCKETS)
-_STEP_LE = _le_labels(STEP_BUCKETS)
-
-
-def _histogram_buckets(labels: Sequence[str], counts: list[int]) -> list[tuple[str, float]]:
-    """Prometheus buckets: cumulative counts under their `le` labels."""
-    buckets: list[tuple[str, float]] = []
-    total = 0
-    for label, count in zip(labels, counts, strict=True):
-        total += count
-        buckets.append((label, total))
-    return buckets
+_DURATION_LE = le_labels(DURATION_BUCKETS)
+_STEP_LE = le_labels(STEP_BUCKETS)
 
 
 class RouteStats(Collector):
@@ -165,10 +149,10 @@ class RouteStats(Collector):
                 requests.add_metric([route, str(status)], count)
             duration.add_metric(
                 [route],
-                _histogram_buckets(_DURATION_LE, rec.duration_buckets),
+                cumulative_buckets(_DURATION_LE, rec.duration_buckets),
                 rec.duration_sum,
             )
-            steps.add_metric([route], _histogram_buckets(_STEP_LE, rec.step_buckets), rec.step_sum)
+            steps.add_metric([route], cumulative_buckets(_STEP_LE, rec.step_buckets), rec.step_sum)
         yield requests
         yield duration
         yield steps
