@@ -43,6 +43,7 @@ PATHS = ("/healthz", "/await?delay=0")
 TARGETS: dict[str, float] = {"/healthz": 0.15, "/await?delay=0": 0.20}
 OTEL_SHARE = 1 / 20  # loop-lab's addition may be at most this share of OpenTelemetry's
 WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
+IDLE_S = 5.0  # seconds of no requests, to see what the server does on a clock
 START_TIMEOUT_S = 300.0  # startup under valgrind is slow (imports, the process pool's spawn)
 
 _SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
@@ -127,17 +128,29 @@ async def measure_server(
         return dump_count(await asyncio.to_thread(part.read_text, errors="replace"))
 
     figures: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
     await server.start(within=START_TIMEOUT_S)
     try:
         for path in PATHS:
             await send_requests(server.url, path, WARMUP, connections)
         await dump()
+        # idle: what the server does on a clock (timers, threads), per second of wall time
+        started = loop.time()
+        await asyncio.sleep(IDLE_S)
+        idle = await dump()
+        figures["clock/s"] = idle / (loop.time() - started)
         for path in PATHS:
-            counts = []
+            counts, clocked = [], []
             for requests in batches:
+                started = loop.time()
                 await send_requests(server.url, path, requests, connections)
                 counts.append(await dump())
+                clocked.append(figures["clock/s"] * (loop.time() - started))
             figures[path] = per_request(counts[0], counts[1], *batches)
+            # the same without the clock's share of each batch's wall time (inflated ~50x)
+            figures[f"{path} unclocked"] = per_request(
+                counts[0] - round(clocked[0]), counts[1] - round(clocked[1]), *batches
+            )
     finally:
         await server.stop()
     return figures
@@ -150,6 +163,8 @@ class Row:
     bare: float
     otel: float
     lab: float
+    lab_unclocked: float = 0.0  # loop-lab without its clock-driven share of the batches
+    lab_clock_per_s: float = 0.0  # loop-lab's clock-driven instructions per second, idle
 
     @property
     def lab_extra(self) -> float:
@@ -172,15 +187,17 @@ class Row:
 def markdown_table(rows: Sequence[Row]) -> str:
     lines = [
         "| loop | path | bare | bare + OpenTelemetry | loop-lab | loop-lab adds | target "
-        "| OpenTelemetry adds | loop-lab's addition / OpenTelemetry's | met |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| OpenTelemetry adds | loop-lab's addition / OpenTelemetry's | met "
+        "| loop-lab without its clock's share | adds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.loop} | `{r.path}` | {r.bare:,.0f} | {r.otel:,.0f} | {r.lab:,.0f} "
             f"| {r.lab - r.bare:+,.0f} ({r.lab_extra:+.1%}) | ≤ {TARGETS[r.path]:.0%} "
             f"| {r.otel - r.bare:+,.0f} ({r.otel_extra:+.1%}) | {r.share:.3f} (≤ {OTEL_SHARE:.2f}) "
-            f"| {'yes' if r.met else 'NO'} |"
+            f"| {'yes' if r.met else 'NO'} | {r.lab_unclocked:,.0f} "
+            f"| {(r.lab_unclocked - r.bare) / r.bare:+.1%} |"
         )
     return "\n".join(lines)
 
@@ -199,16 +216,31 @@ def measure_loop(loop: str, args: argparse.Namespace, work: Path, out: TextIO) -
         figures[side] = asyncio.run(
             measure_server(command, args.batches, args.connections, work, f"{side}-{loop}")
         )
-        for path, count in figures[side].items():
+        print(
+            f"[{loop}] {side:<8} idle: {figures[side]['clock/s']:,.0f} instructions per second",
+            file=out,
+            flush=True,
+        )
+        for path in PATHS:
             print(
-                f"[{loop}] {side:<8} {path:<16} {count:>11,.0f} instructions per request",
+                f"[{loop}] {side:<8} {path:<16} {figures[side][path]:>11,.0f} instructions per "
+                f"request ({figures[side][path + ' unclocked']:,.0f} without the clock's share)",
                 file=out,
                 flush=True,
             )
     if len(figures) < len(sides):
         return []  # a partial run (--sides) prints its figures only
+    lab = figures["loop-lab"]
     return [
-        Row(loop, path, figures["bare"][path], figures["otel"][path], figures["loop-lab"][path])
+        Row(
+            loop,
+            path,
+            figures["bare"][path],
+            figures["otel"][path],
+            lab[path],
+            lab[f"{path} unclocked"],
+            lab["clock/s"],
+        )
         for path in PATHS
     ]
 

@@ -31,7 +31,10 @@ class StallWatchdog:
         self._loop_thread_id = loop_thread_id
         self._in_flight_routes = in_flight_routes
         self._on_stall = on_stall
-        self._stop = threading.Event()
+        # held while the watchdog runs; stop() releases it. Waiting on it with a timeout is one C
+        # call per check (an Event's wait runs a Condition in Python each time)
+        self._running = threading.Lock()
+        self._running.acquire()
         self._thread = threading.Thread(target=self._run, name="looplab-watchdog", daemon=True)
         self.stalls = 0
         self.last_report: str | None = None
@@ -40,13 +43,14 @@ class StallWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._running.locked():
+            self._running.release()
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
         reported_beat = -1.0
         # check several times per threshold so a stall is caught soon after it crosses the line
-        while not self._stop.wait(self.threshold / 4):
+        while not self._running.acquire(timeout=self.threshold / 4):
             beat = self._heartbeat()
             stalled_for = time.monotonic() - beat
             if stalled_for > self.threshold and beat != reported_beat:
