@@ -76,5 +76,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     ):
         app.add_routes(module.routes)
     events.setup(app)  # /events and its broadcaster, started after the monitor and executors
-    gctune.setup(app)  # --gc, applied last at startup; collections timed
+    gctune.setup(app)  # --gc, applied at startup after the rest; collections timed
+    app.on_startup.append(monitor.start_sampling)  # last: startup work is not loop lag
     return app

@@ -1,7 +1,8 @@
 """The monitor: loop lag, per-route steps, connections and the stall watchdog, one per app.
 
 `setup(app)` makes it when the app is made (the request middleware must be in place before the
-app is frozen) and starts and stops its timer and thread with the app (a cleanup_ctx).
+app is frozen); `start_sampling` starts its timer and thread once the app has started, and the
+cleanup context stops them with the app.
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def setup(app: web.Application) -> None:
     app.cleanup_ctx.append(_monitor_ctx)
 
 
+async def start_sampling(app: web.Application) -> None:
+    """on_startup, registered last: the lag sampler and the watchdog start once the app has.
+
+    Startup work (the process pool's spawn, `--gc tuned`'s first full collection) holds the loop
+    before any client can connect: it is not loop lag anyone is served late by.
+    """
+    app[MONITOR].start(asyncio.get_running_loop())
+
+
 async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     monitor = app[MONITOR]
 
@@ -94,7 +104,6 @@ async def _monitor_ctx(app: web.Application) -> AsyncIterator[None]:
 
     monitor.metrics.register_live(live)
     monitor.accept.register(monitor.metrics.registry)
-    monitor.start(asyncio.get_running_loop())
     try:
         yield
     finally:
