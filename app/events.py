@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from app.keys import MONITOR, SETTINGS
+from app.keys import BROADCASTER, MONITOR, SETTINGS
 from app.monitor.middleware import unmetered
 from app.stats import snapshot
 
@@ -201,9 +201,6 @@ class Broadcaster:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-BROADCASTER = web.AppKey("looplab_events_broadcaster", Broadcaster)
 
 
 async def events_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -50,7 +50,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.config import GcMode
-from app.keys import GC, METRICS, SETTINGS
+from app.keys import GC, METRICS, SETTINGS, SWEEPER
 from app.metrics import LAG_BUCKETS
 
 log = logging.getLogger("loop_lab.gc")
@@ -227,7 +227,6 @@ class _ProcessCollector:
 
 
 _PROCESS = _ProcessCollector()
-SWEEPER = web.AppKey("looplab_gc_young_sweeper", YoungSweeper)
 
 
 def setup(app: web.Application) -> None:

@@ -8,8 +8,9 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from app.config import Settings
+    from app.events import Broadcaster
     from app.executors import Executors
-    from app.gctune import GcPauses
+    from app.gctune import GcPauses, YoungSweeper
     from app.metrics import Metrics
     from app.monitor.monitor import Monitor
 
@@ -18,3 +19,5 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor")
 EXECUTORS: web.AppKey[Executors] = web.AppKey("executors")
 GC: web.AppKey[GcPauses] = web.AppKey("gc")
+SWEEPER: web.AppKey[YoungSweeper] = web.AppKey("gc_young_sweeper")
+BROADCASTER: web.AppKey[Broadcaster] = web.AppKey("events_broadcaster")

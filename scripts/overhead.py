@@ -1,19 +1,18 @@
-"""What loop-lab's instrumentation costs: loop-lab vs a bare aiohttp server, measured with wrk.
+"""What loop-lab's instrumentation costs in requests per second: loop-lab vs a bare aiohttp server.
 
-Both servers run at once, each a single process on the same loop, pinned to the same CPU; wrk
-runs on another CPU. Each round starts a fresh pair of servers (one process of the same code runs
-steadily a few percent faster or slower than the next), runs both on each path back to back (which
-goes first alternates by round), and pairs that round's loop-lab/bare ratio, so drift on a
-shared machine hits both sides of a ratio and the median is over server instances.
+The servers run at once, each a single process on the same loop, pinned to the same CPU; wrk
+runs on another CPU. Each round starts fresh servers (one process of the same code runs steadily
+a few percent faster or slower than the next), runs them back to back on each path (which goes
+first rotates by round) and pairs that round's ratios. `--otel` adds the bare server under
+OpenTelemetry's aiohttp instrumentation. rps swing 10-30% on a shared machine: the verdict on
+per-request cost is scripts/instructions.py; this is the figure beside it.
 
-Targets (median over rounds, per loop):
-- `/healthz`: loop-lab >= 0.95 x a bare hello-world handler.
-- `/await?delay=0`: loop-lab >= 0.85 x a bare handler that parses the delay, awaits and answers
-  the same JSON (scripts/bare_server.py).
+Its own targets (median over rounds, per loop): `/healthz` loop-lab >= 0.95 x bare,
+`/await?delay=0` >= 0.85 x bare (scripts/bare_server.py does the same work, unmonitored).
 
-    python scripts/overhead.py --rounds 5 --duration 10
+    python scripts/overhead.py --rounds 5 --duration 10 [--otel]
 
-Exit status: 0 all targets met, 1 a target missed, 2 the measurement could not run.
+Exit status: 0 all targets met (or --no-targets), 1 a target missed, 2 it could not run.
 """
 
 from __future__ import annotations

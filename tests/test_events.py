@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from app import events
-from app.events import BROADCASTER, Broadcaster
-from app.keys import MONITOR
+from app.events import Broadcaster
+from app.keys import BROADCASTER, MONITOR
 from app.launch import ServerThread, eventually, running_server
 from app.loops import LoopName
 from app.monitor.lag import LagSampler

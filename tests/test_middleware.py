@@ -372,19 +372,20 @@ def test_cleanup_raising_on_close_is_counted_by_kind() -> None:
     assert (record.in_flight, dict(record.statuses)) == (0, {499: 1, 410: 1, 500: 1})
 
 
+async def _cleans_up(cleaned: list[str]) -> _Response:
+    """A handler that suspends once and notes that its `finally` ran."""
+    try:
+        await _Awaitable(_Future())
+    finally:
+        cleaned.append("finally")
+    return _Response()
+
+
 def test_close_between_steps_closes_the_handler() -> None:
     """close() runs the handler's cleanup, counts a 500 and leaves in-flight at 0."""
     record, wrap = _driver()
     cleaned: list[str] = []
-
-    async def handler() -> _Response:
-        try:
-            await _Awaitable(_Future())
-        finally:
-            cleaned.append("finally")
-        return _Response()
-
-    driver = wrap(handler())
+    driver = wrap(_cleans_up(cleaned))
     driver.send(None)
     driver.close()
     assert cleaned == ["finally"]
@@ -413,15 +414,7 @@ def test_generator_exit_thrown_in_closes_and_propagates() -> None:
     """throw(GeneratorExit) closes the handler and re-raises, as a generator's yield from does."""
     record, wrap = _driver()
     cleaned: list[str] = []
-
-    async def handler() -> _Response:
-        try:
-            await _Awaitable(_Future())
-        finally:
-            cleaned.append("finally")
-        return _Response()
-
-    driver = wrap(handler())
+    driver = wrap(_cleans_up(cleaned))
     driver.send(None)
     with pytest.raises(GeneratorExit):
         driver.throw(GeneratorExit())
