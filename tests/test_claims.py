@@ -138,6 +138,34 @@ def test_create_task_next_iteration() -> None:
     assert check("create_task_next_iteration").verdict == "true"
 
 
+def test_create_task_eager() -> None:
+    """With eager_task_factory (3.12+) the first step runs inside create_task, on both loops."""
+    result = check("create_task_eager")
+    if sys.version_info < (3, 12):
+        assert result.verdict == "true"
+        assert data(result, "eager") is None
+    else:
+        assert result.verdict == "false"
+        assert data(result, "eager") == {"asyncio": True, "uvloop": True}
+
+
+def test_get_event_loop_outside() -> None:
+    """get_event_loop() with no loop: silent on 3.11, warns on 3.12-3.13, raises on 3.14+."""
+    result = check("get_event_loop_outside")
+    got, warned = data(result, "get_event_loop"), data(result, "get_event_loop_warnings")
+    if sys.version_info < (3, 12):
+        assert result.verdict == "true"
+        assert got.startswith("returned")
+        assert not warned
+    elif sys.version_info < (3, 14):
+        assert result.verdict == "partly"
+        assert got.startswith("returned")
+        assert warned[0].startswith("DeprecationWarning")
+    else:
+        assert result.verdict in ("partly", "false")
+        assert got.startswith("raised RuntimeError")
+
+
 def test_call_soon_next_iteration() -> None:
     """call_soon callbacks run after exactly one poll, in FIFO order, on both loops."""
     assert check("call_soon_next_iteration").verdict == "true"

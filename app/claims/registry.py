@@ -74,6 +74,7 @@ def _load_experiments() -> None:
         scheduling,
         selector,
         threads,
+        versions,
     )
 
 
