@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from app import config
+from app.loops import LOOP_NAMES
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _claims(args: argparse.Namespace) -> int:
     from app.claims import main as claims_main
 
-    code: int = claims_main(bool(args.json), bool(args.markdown))
+    code: int = claims_main(bool(args.json), bool(args.markdown), args.loop)
     return code
 
 
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     claims = commands.add_parser("claims", help="check every claim of the article by experiment")
     claims.add_argument("--json", action="store_true", help="print a JSON list")
     claims.add_argument("--markdown", action="store_true", help="print the docs/claims.md table")
+    claims.add_argument(
+        "--loop",
+        choices=LOOP_NAMES,
+        default=None,
+        help="run the experiments that compare loops on this loop only (default: both)",
+    )
     claims.set_defaults(func=_claims)
 
     # bench/compare live with their orchestration code and add their own subcommands

@@ -16,6 +16,7 @@ import pytest
 
 from app.claims import render
 from app.claims.article import article_text, normalise
+from app.claims.probes import only_loop
 from app.claims.registry import VERDICTS, Claim, Outcome, all_claims, get_claim, verdict_of
 from app.claims.runner import Result, run_claim
 
@@ -334,3 +335,17 @@ def test_cli_claims_json_shape() -> None:
         assert item["verdict"] in VERDICTS, item
         assert item["evidence"]
         assert normalise(item["quote"]) in article, item["id"]
+
+
+def test_one_loop_splits_a_verdict_that_differs_by_loop() -> None:
+    """`claims --loop` runs per-loop experiments on that loop alone: call_later holds on one."""
+    try:
+        only_loop("asyncio")
+        on_asyncio = check("call_later_after_delay")
+        only_loop("uvloop")
+        on_uvloop = check("call_later_after_delay")
+    finally:
+        only_loop(None)
+    assert (on_asyncio.verdict, on_uvloop.verdict) == ("true", "false")
+    assert set(data(on_asyncio, "early")) == {"asyncio"}
+    assert set(data(on_uvloop, "early")) == {"uvloop"}

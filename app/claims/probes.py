@@ -36,9 +36,18 @@ def run_on(name: LoopName, main: Callable[[], Awaitable[T]], timeout: float = 10
         return runner.run(bounded())
 
 
+# which loops per_loop runs on: both, unless `loop-lab claims --loop` (one matrix cell) says one
+_SELECTED: list[tuple[LoopName, ...]] = [LOOP_NAMES]
+
+
+def only_loop(name: LoopName | None) -> None:
+    """Run the per-loop experiments on `name` alone (None: on both loops again)."""
+    _SELECTED[0] = LOOP_NAMES if name is None else (name,)
+
+
 def per_loop(fn: Callable[[LoopName], T]) -> dict[LoopName, T]:
-    """The same experiment on the default asyncio loop and on uvloop."""
-    return {name: fn(name) for name in LOOP_NAMES}
+    """The same experiment on the default asyncio loop and on uvloop (or the one selected)."""
+    return {name: fn(name) for name in _SELECTED[0]}
 
 
 def ms(seconds: float) -> str:

@@ -234,7 +234,7 @@ def _timer_outcome(absolute: bool) -> Outcome:
     }
     note = (
         "; uvloop rounds each delay to whole milliseconds on libuv's millisecond clock"
-        if not checks["uvloop"]
+        if not checks.get("uvloop", True)
         else ""
     )
     return Outcome(
