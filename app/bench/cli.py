@@ -1,9 +1,10 @@
-"""The `bench` and `compare` subcommands of `loop-lab`."""
+"""The `bench`, `compare` and `matrix` subcommands of `loop-lab`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -186,8 +187,42 @@ def _compare(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def _pythons(text: str) -> tuple[str, ...]:
+    versions = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [v for v in versions if not re.fullmatch(r"3\.\d{1,2}", v)]
+    if not versions or bad:
+        raise argparse.ArgumentTypeError(f"--pythons takes versions like 3.11,3.14, got {text!r}")
+    return tuple(dict.fromkeys(versions))
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from app.bench.matrix import MatrixConfig, MatrixError, run_matrix
+    from app.bench.matrix_report import matrix_notes, matrix_plots, matrix_report
+    from app.bench.runner import ProcessError
+    from app.bench.wrk import WrkError
+
+    out = Path(args.out or Path("results") / "matrix")
+    command = ("loop-lab", *sys.argv[1:])
+    extra = {"context": args.context, "command": command}
+    if args.quick:
+        config = MatrixConfig.quick(out, args.pythons, **extra)
+    else:
+        config = MatrixConfig(out=out, pythons=args.pythons, rounds=args.rounds, **extra)
+    try:
+        data = run_matrix(config, lambda s: print(s, flush=True))
+    except (MatrixError, WrkError, ProcessError) as exc:
+        print(f"loop-lab matrix: {exc}", file=sys.stderr)
+        return 3
+    (out / "matrix.md").write_text(matrix_report(data), encoding="utf-8")
+    matrix_plots(data, out)
+    for note in matrix_notes(data):
+        print(f"note: {note}")
+    print(f"results in {out}/ (matrix.md, matrix.json, matrix-*.png)")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `bench` and `compare` to the `loop-lab` command."""
+    """Add `bench`, `compare` and `matrix` to the `loop-lab` command."""
     scenario_help = "; ".join(f"{name}: {text}" for name, text in SCENARIOS.items())
     bench = commands.add_parser(
         "bench",
@@ -227,3 +262,26 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="user counts, e.g. 100,1000,5000,10000: rounds at each, plus a scaling plot",
     )
     compare.set_defaults(func=_compare)
+
+    matrix = commands.add_parser(
+        "matrix",
+        help="claims and asyncio-vs-uvloop per Python interpreter, in containers",
+        description="For each interpreter x loop, in its own container built from the "
+        "Dockerfile: `loop-lab claims`, saturated throughput with wrk (server and wrk on "
+        "separate CPUs), and one multiplex load. Writes matrix.json, matrix.md and plots.",
+    )
+    matrix.add_argument(
+        "--pythons",
+        type=_pythons,
+        default=("3.11", "3.13", "3.14", "3.15"),
+        help="interpreters, comma-separated (default 3.11,3.13,3.14,3.15)",
+    )
+    matrix.add_argument("--rounds", type=_int(1, 20), default=3, help="rounds (default 3)")
+    matrix.add_argument(
+        "--quick", action="store_true", help="1 short round and 1,000 connections (for CI)"
+    )
+    matrix.add_argument(
+        "--context", type=Path, default=Path("."), help="the checkout with the Dockerfile"
+    )
+    matrix.add_argument("--out", type=Path, help="output directory (default results/matrix)")
+    matrix.set_defaults(func=_matrix)

@@ -1,0 +1,321 @@
+"""`loop-lab matrix`: each interpreter x loop in its own container, measured side by side.
+
+Per interpreter one image from the project's Dockerfile (PYTHON_IMAGE/BUILD_IMAGE); per cell the
+claims, saturated throughput (server pinned to one CPU in its container, wrk on the other, fresh
+server per round, loops alternating) and one multiplex load from the host's locust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.bench.compare import run_order
+from app.bench.results import machine, median, source_version, spread, write_json
+from app.bench.runner import TreeCpu, wait_healthy
+from app.bench.wrk import run_wrk
+from app.loops import LOOP_NAMES, LoopName
+
+PYTHONS = ("3.11", "3.13", "3.14", "3.15")
+# where the loop, not the load generator, is the limit
+SATURATED_PATHS = ("/healthz", "/await?delay=0", "/gather?n=100&delay=0")
+# the Debian suite of the official python:X.Y-slim-SUITE image each interpreter is taken from
+SUITES = {"3.11": "bookworm", "3.12": "bookworm", "3.13": "trixie", "3.14": "trixie"}
+SERVER_CPU, GENERATOR_CPU = 0, 1
+START_TIMEOUT_S = 60.0
+# a server below this share of its CPU, or wrk above it, means wrk set the pace
+BUSY_SHARE = 0.9
+
+Log = Callable[[str], None]
+
+
+class MatrixError(RuntimeError):
+    """A cell could not be measured: image build, container start or a load run failed."""
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    out: Path
+    pythons: tuple[str, ...] = PYTHONS
+    rounds: int = 3
+    duration_s: float = 10.0  # each wrk run
+    warmup_s: float = 2.0
+    connections: int = 50
+    users: int = 10_000  # multiplex load per cell
+    multiplex_delay_s: float = 10.0
+    multiplex_duration_s: int = 60
+    port: int = 18_090
+    context: Path = Path(".")  # the checkout holding the Dockerfile
+    command: tuple[str, ...] = ()
+
+    @classmethod
+    def quick(cls, out: Path, pythons: tuple[str, ...], **kw: Any) -> MatrixConfig:
+        """1 round of short wrk runs and 1,000 connections: minutes, for CI."""
+        return cls(
+            out=out,
+            pythons=pythons,
+            rounds=1,
+            duration_s=3.0,
+            warmup_s=1.0,
+            users=1000,
+            multiplex_delay_s=5.0,
+            multiplex_duration_s=20,
+            **kw,
+        )
+
+
+def base_images(python: str) -> tuple[str, str]:
+    """The official (runtime, build) image names of an interpreter, as the Dockerfile takes them."""
+    suite = SUITES.get(python, "trixie")
+    return f"python:{python}-slim-{suite}", f"python:{python}-{suite}"
+
+
+def image_name(python: str) -> str:
+    return f"loop-lab:server-py{python}"
+
+
+def _docker(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise MatrixError(f"docker {' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip()
+
+
+def _image_exists(name: str) -> bool:
+    done = subprocess.run(["docker", "image", "inspect", name], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def ensure_image(python: str, config: MatrixConfig, log: Log) -> str:
+    """Build the server image for `python` from the Dockerfile (stand-in bases where needed)."""
+    runtime, build = base_images(python)
+    standins = config.context / "scripts" / "standin_images.py"
+    missing = [n for n in (runtime, build) if not _image_exists(n)]
+    if missing and standins.exists():
+        # no registry here: the stand-in builder makes them from Debian packages and says so;
+        # Debian ships 3.11 in bookworm, 3.13 in trixie, and the newer ones in sid
+        suite = {"3.11": "bookworm", "3.13": "trixie"}.get(python, "sid")
+        argv = [sys.executable, str(standins), "--suite", suite, "--python", python, *missing]
+        if subprocess.run(argv, check=False).returncode != 0:
+            raise MatrixError(f"could not make base images {missing} for Python {python}")
+    name = image_name(python)
+    log(f"matrix: building {name} from {runtime}")
+    started = time.monotonic()
+    _docker(
+        "build",
+        "--network",
+        "host",
+        "--target",
+        "server",
+        "--build-arg",
+        f"PYTHON_IMAGE={runtime}",
+        "--build-arg",
+        f"BUILD_IMAGE={build}",
+        "-t",
+        name,
+        str(config.context),
+    )
+    log(f"matrix: {name} built in {time.monotonic() - started:.0f} s")
+    return name
+
+
+@contextmanager
+def server_container(
+    image: str, loop: LoopName, port: int, name: str, cpu: int | None = SERVER_CPU
+) -> Iterator[tuple[str, TreeCpu]]:
+    """A fresh `loop-lab serve` in a container on the host network; yields its URL and CPU meter."""
+    argv = ["run", "-d", "--rm", "--network", "host", "--name", name]
+    if cpu is not None:
+        argv += ["--cpuset-cpus", str(cpu)]
+    argv += [image, "loop-lab", "serve", "--loop", loop, "--host", "127.0.0.1", "--port", str(port)]
+    _docker("rm", "-f", name, check=False)
+    _docker(*argv)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(wait_healthy(url, time.monotonic() + START_TIMEOUT_S))
+        except Exception as exc:
+            logs = _docker("logs", "--tail", "30", name, check=False)
+            raise MatrixError(f"{image} ({loop}) did not become healthy: {exc}\n{logs}") from exc
+        pid = int(_docker("inspect", "-f", "{{.State.Pid}}", name))
+        yield url, TreeCpu(pid)
+    finally:
+        _docker("rm", "-f", name, check=False)
+
+
+_VERSIONS = (
+    "import platform, importlib.metadata as m; "
+    "print(platform.python_version(), m.version('aiohttp'), m.version('uvloop'))"
+)
+
+
+def versions_in(image: str) -> dict[str, str]:
+    """The interpreter, aiohttp and uvloop versions inside the image."""
+    python, aiohttp, uvloop = _docker(
+        "run", "--rm", "--network", "host", image, "python", "-c", _VERSIONS
+    ).split()
+    return {"python": python, "aiohttp": aiohttp, "uvloop": uvloop}
+
+
+def claims_in(image: str, loop: LoopName) -> list[dict[str, str]]:
+    """`loop-lab claims --json --loop L` inside the image: the verdicts of this interpreter."""
+    argv = ["run", "--rm", "--network", "host", image, "loop-lab", "claims", "--json"]
+    text = _docker(*argv, "--loop", loop)
+    items: list[dict[str, str]] = json.loads(text)
+    return [{k: item[k] for k in ("id", "verdict", "evidence")} for item in items]
+
+
+@dataclass
+class Saturated:
+    """One cell's saturated runs on one path: a figure per round."""
+
+    rps: list[float] = field(default_factory=list)
+    cpu_us_per_request: list[float] = field(default_factory=list)
+    server_cpu_share: list[float] = field(default_factory=list)
+    generator_cpu_share: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        server_share = min(self.server_cpu_share, default=0.0)
+        generator_share = max(self.generator_cpu_share, default=0.0)
+        return {
+            "rps": round(median(self.rps), 1),
+            "cpu_us_per_request": round(median(self.cpu_us_per_request), 2),
+            "rounds": [round(r, 1) for r in self.rps],
+            "server_cpu_share": round(server_share, 3),
+            "generator_cpu_share": round(generator_share, 3),
+            "errors": self.errors,
+            # saturated means the server's CPU was the limit, not wrk's
+            "server_bound": server_share >= BUSY_SHARE and generator_share < BUSY_SHARE,
+        }
+
+
+def saturate(url: str, meter: TreeCpu, path: str, config: MatrixConfig, into: Saturated) -> None:
+    run_wrk(url + path, duration_s=config.warmup_s, connections=config.connections)
+    meter.sample()
+    before, started = meter.total_s, time.monotonic()
+    result = run_wrk(
+        url + path, duration_s=config.duration_s, connections=config.connections, cpu=GENERATOR_CPU
+    )
+    wall = time.monotonic() - started
+    meter.sample()
+    cpu = meter.total_s - before
+    into.rps.append(result.rps)
+    into.cpu_us_per_request.append(1e6 * cpu / max(result.requests, 1))
+    into.server_cpu_share.append(cpu / wall)
+    into.generator_cpu_share.append(result.cpu_s / wall)
+    into.errors += result.socket_errors + result.non_2xx
+
+
+def multiplex(image: str, loop: LoopName, config: MatrixConfig, out: Path) -> dict[str, Any]:
+    """One `loop-lab bench multiplex` from the host against a fresh server in the container."""
+    name = f"looplab-matrix-{loop}"
+    with server_container(image, loop, config.port + 1, name, cpu=None) as (url, meter):
+        meter.sample()
+        before = meter.total_s
+        argv = [sys.executable, "-m", "app", "bench", "multiplex", "--target", url]
+        argv += ["--users", str(config.users), "--delay", f"{config.multiplex_delay_s:g}"]
+        argv += ["--duration", str(config.multiplex_duration_s), "--out", str(out)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        meter.sample()
+        cpu = meter.total_s - before
+    result_file = out / "result.json"
+    if not result_file.exists():
+        raise MatrixError(f"bench multiplex wrote no result ({done.returncode}): {done.stderr}")
+    result = json.loads(result_file.read_text())
+    server = result["server"]
+    block = {
+        "users": result["users"],
+        "requests": result["requests"],
+        "failures": result["failures"],
+        "rps": result["rps"],
+        "p99_ms": result["latency_ms"]["p99"],
+        "lag_p99_ms": server["lag_ms"]["p99"],
+        "lag_max_ms": server["lag_ms"]["max"],
+        "peak_open_connections": server.get("peak_open_connections"),
+        "rss_kb_per_connection": server.get("rss_kb_per_connection"),
+        "cpu_us_per_request": round(1e6 * cpu / max(result["requests"], 1), 1),
+        "load_generator_cpu_warning": result["load_generator"]["cpu_warning"],
+    }
+    if "utilization" in server:
+        block["utilization"] = server["utilization"]
+    return block
+
+
+def run_matrix(config: MatrixConfig, log: Log = print) -> dict[str, Any]:
+    config.out.mkdir(parents=True, exist_ok=True)
+    cells: dict[tuple[str, LoopName], dict[str, Any]] = {}
+    ratio: dict[str, dict[str, dict[str, float]]] = {}
+    for python in config.pythons:
+        image = ensure_image(python, config, log)
+        versions = versions_in(image)
+        full = versions["python"]
+        saturated: dict[LoopName, dict[str, Saturated]] = {
+            loop: {path: Saturated() for path in SATURATED_PATHS} for loop in LOOP_NAMES
+        }
+        for number in range(1, config.rounds + 1):
+            for loop in run_order(number):
+                log(f"matrix: Python {full} {loop}, round {number}/{config.rounds}")
+                name = f"looplab-matrix-{loop}"
+                with server_container(image, loop, config.port, name) as (url, meter):
+                    for path in SATURATED_PATHS:
+                        saturate(url, meter, path, config, saturated[loop][path])
+        ratio[python] = {}
+        for path in SATURATED_PATHS:
+            pairs = [
+                uv / aio
+                for aio, uv in zip(
+                    saturated["asyncio"][path].rps, saturated["uvloop"][path].rps, strict=True
+                )
+            ]
+            ratio[python][path] = {
+                "median": round(median(pairs), 3),
+                "min": round(min(pairs), 3),
+                "max": round(max(pairs), 3),
+                "spread": round(spread(pairs), 3),
+            }
+        for loop in LOOP_NAMES:
+            log(f"matrix: Python {full} {loop}: claims, then {config.users:,} connections")
+            out = config.out / f"py{python}-{loop}"
+            cells[(python, loop)] = {
+                "python": python,
+                "python_full": full,
+                "versions": versions,
+                "loop": loop,
+                "claims": claims_in(image, loop),
+                "saturated": {p: s.summary() for p, s in saturated[loop].items()},
+                "multiplex": multiplex(image, loop, config, out / "multiplex"),
+            }
+        write_json(config.out / "matrix.json", _data(config, list(cells.values()), ratio))
+    data = _data(config, list(cells.values()), ratio)
+    write_json(config.out / "matrix.json", data)
+    return data
+
+
+def _data(
+    config: MatrixConfig, cells: Sequence[dict[str, Any]], ratio: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "pythons": list(config.pythons),
+        "rounds": config.rounds,
+        "wrk": {"duration_s": config.duration_s, "connections": config.connections},
+        "multiplex": {
+            "users": config.users,
+            "delay_s": config.multiplex_delay_s,
+            "duration_s": config.multiplex_duration_s,
+        },
+        "cells": list(cells),
+        "ratio": ratio,
+        "command": list(config.command),
+        "source": source_version(),
+        "machine": {**machine(), "host_python": platform.python_version()},
+    }
