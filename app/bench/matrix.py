@@ -168,9 +168,14 @@ def versions_in(image: str) -> dict[str, str]:
 
 def claims_in(image: str, loop: LoopName) -> list[dict[str, str]]:
     """`loop-lab claims --json --loop L` inside the image: the verdicts of this interpreter."""
-    argv = ["run", "--rm", "--network", "host", image, "loop-lab", "claims", "--json"]
-    text = _docker(*argv, "--loop", loop)
-    items: list[dict[str, str]] = json.loads(text)
+    argv = ["docker", "run", "--rm", "--network", "host", image]
+    argv += ["loop-lab", "claims", "--json", "--loop", loop]
+    # exit 1 still prints every result: an experiment that failed is reported as "error"
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    try:
+        items: list[dict[str, str]] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise MatrixError(f"claims in {image} ({loop}) failed: {done.stderr[-2000:]}") from None
     return [{k: item[k] for k in ("id", "verdict", "evidence")} for item in items]
 
 
