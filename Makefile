@@ -4,13 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench compare claims clean system-deps overhead compose-test
+.PHONY: run test lint bench compare claims clean system-deps overhead compose-test test-python \
+	matrix matrix-quick
 
 # Debian packages the tests run as real programs (docker-compose validates the compose file,
 # prometheus/promtool check and scrape). Append yours: SYSTEM_PACKAGES += chromium
 SYSTEM_PACKAGES := docker-compose prometheus
 # the dashboard's browser test drives Debian's Chromium (Playwright's own download cannot work here)
 SYSTEM_PACKAGES += chromium
+# loop-lab matrix drives saturated throughput with wrk
+SYSTEM_PACKAGES += wrk
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(BIN)/python:
@@ -43,6 +46,22 @@ system-deps:
 # warm, 4 min cold (base-image stand-ins debootstrapped and cached in /var/cache/loop-lab).
 compose-test: $(STAMP)
 	$(BIN)/python -m scripts.compose_test
+
+# The suite on another interpreter, in a container of its Python image (docs/matrix.md); the
+# `host` tests (Chromium, Prometheus, PostgreSQL, Docker) stay on the default interpreter.
+PY ?= 3.14
+test-python: $(STAMP)
+	$(BIN)/python -m scripts.docker_engine $(BIN)/python -m scripts.test_in_container $(PY)
+
+# Claims, saturated throughput (wrk) and 10,000 connections per interpreter x loop, each in its
+# own container (docs/matrix.md; about 40 minutes on a quiet machine). matrix-quick is CI's form.
+MATRIX_ARGS ?= --pythons 3.11,3.13,3.14,3.15
+matrix: $(STAMP) system-deps
+	$(BIN)/python -m scripts.docker_engine $(BIN)/loop-lab matrix $(MATRIX_ARGS) --out results/matrix
+
+matrix-quick: $(STAMP) system-deps
+	$(BIN)/python -m scripts.docker_engine \
+		$(BIN)/loop-lab matrix --quick --pythons 3.11,3.14 --out results/matrix-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check app loadtest tests deploy scripts

@@ -15,8 +15,6 @@ import copy
 import json
 import os
 import re
-import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,15 +22,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from scripts import standin_images
+from scripts.docker_engine import docker_engine, engine_nofile
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "looplab-compose-test"
@@ -45,8 +43,6 @@ PORTS = {
     "postgres": 15432,
 }
 REGISTRY_ONLY = ("prometheus", "grafana")  # their images cannot be stood in from Debian packages
-DOCKERD_FLAGS = ["--iptables=false", "--ip-forward=false", "--bridge=none"]
-DOCKERD_LOG = Path("/var/log/loop-lab-dockerd.log")
 WANTED_NOFILE = 65536
 POSTGRES_IMAGE = "postgres:16"  # the realworld profile's image, stood in if absent
 
@@ -169,77 +165,6 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float) -> Any:
             return found
         time.sleep(0.5)
     raise CheckFailed(f"{what}: not within {timeout:.0f} s")
-
-
-# ---- the engine -------------------------------------------------------------------------------
-
-
-def engine_answers() -> bool:
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-
-
-@contextmanager
-def docker_engine() -> Iterator[int | None]:
-    """The running engine, or a dockerd started here (its pid), stopped by that pid on exit."""
-    if shutil.which("docker") and engine_answers():
-        say("engine: using the Docker engine that answers `docker info`")
-        yield None
-        return
-    if sys.platform != "linux" or os.geteuid() != 0:
-        raise SystemExit(
-            "no Docker engine answers `docker info`, and only root on Linux may start one"
-        )
-    missing = [
-        package
-        for program, package in [
-            ("dockerd", "docker.io"),
-            ("docker-compose", "docker-compose"),
-            ("debootstrap", "debootstrap"),
-        ]
-        if not shutil.which(program)
-    ]
-    if missing:
-        say(f"engine: apt-get install {' '.join(missing)}")
-        sh("apt-get", "update", "-qq")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        sh("apt-get", "install", "-y", "-qq", *missing, env=env)
-    # overlay2 is far faster than vfs; no bridge and no iptables: containers use host networking
-    argv = ["dockerd", *DOCKERD_FLAGS, "--storage-driver=overlay2"]
-    with DOCKERD_LOG.open("ab") as log:
-        dockerd = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-
-    def answers() -> bool:
-        if dockerd.poll() is not None:
-            tail = DOCKERD_LOG.read_text(errors="replace").splitlines()[-3:]
-            raise SystemExit(f"dockerd exited {dockerd.returncode}: {' | '.join(tail)}")
-        return engine_answers()
-
-    try:
-        wait_until("dockerd to answer `docker info`", answers, 60)
-        say(f"engine: started `{' '.join(argv)}` (pid {dockerd.pid}, log {DOCKERD_LOG})")
-        yield dockerd.pid
-    finally:
-        dockerd.send_signal(signal.SIGTERM)
-        try:
-            dockerd.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dockerd.kill()
-            dockerd.wait()
-        say(f"engine: stopped dockerd (pid {dockerd.pid})")
-
-
-def engine_nofile(pid: int | None) -> int:
-    """The open-file hard limit containers inherit: dockerd's own (no CAP_SYS_RESOURCE here)."""
-    if pid is None:
-        found = subprocess.run(["pgrep", "-o", "-x", "dockerd"], capture_output=True, text=True)
-        pid = int(found.stdout.split()[0]) if found.returncode == 0 else None
-    if pid is not None:
-        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-            if line.startswith("Max open files"):
-                return int(line.split()[4])
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 # ---- images -----------------------------------------------------------------------------------
@@ -486,7 +411,7 @@ def main(argv: list[str]) -> int:
     # a SIGTERM unwinds like an exception: the stack goes down and a dockerd started here stops
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     checks = Checks()
-    with docker_engine() as pid, tempfile.TemporaryDirectory(prefix="compose-test-") as tmp:
+    with docker_engine(say) as pid, tempfile.TemporaryDirectory(prefix="compose-test-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)
         nofile = min(WANTED_NOFILE, engine_nofile(pid))

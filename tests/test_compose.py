@@ -32,6 +32,8 @@ from tests.deploy_support import (
     stage_chain,
 )
 
+pytestmark = pytest.mark.host  # docker-compose validates the file
+
 SERVERS = {"server-asyncio": "asyncio", "server-uvloop": "uvloop"}
 CORE_SERVICES = {*SERVERS, "locust-master", "locust-worker"}
 PROFILES = {

@@ -41,7 +41,7 @@ LAUNCH_ARGS = [
 LAPTOP: ViewportSize = {"width": 1280, "height": 800}
 WAIT_MS = 20_000  # generous: the box is shared, and nothing here waits this long when healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.host]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.bench.matrix import base_images
-from app.bench.matrix_report import changed_claims, matrix_notes, matrix_report
+from app.bench.matrix_report import broken_cells, changed_claims, matrix_notes, matrix_report
 
 
 def _cell(python: str, loop: str, verdicts: dict[str, str], **saturated: Any) -> dict[str, Any]:
@@ -121,3 +121,16 @@ def test_pythons_must_be_versions(bad: str) -> None:
     )
     assert done.returncode == 2
     assert "--pythons" in done.stderr
+
+
+def test_a_claim_that_failed_to_run_or_a_failed_request_breaks_the_run() -> None:
+    """broken_cells names the cell and what broke; a clean matrix has none (exit 0)."""
+    clean = _cell("3.14", "asyncio", {"eager": "false"})
+    errored = _cell("3.14", "uvloop", {"eager": "error"})
+    failing = _cell("3.15", "asyncio", {})
+    failing["multiplex"]["failures"] = 3
+    assert broken_cells(_data([clean])) == []
+    assert broken_cells(_data([clean, errored, failing])) == [
+        "3.14.1 uvloop: claim eager failed to run",
+        "3.15.1 asyncio: 3 requests failed under load",
+    ]

@@ -29,6 +29,8 @@ from tests.deploy_support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.host  # promtool, a real Prometheus, docker-compose
+
 PROMETHEUS_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
 GRAFANA = REPO / "deploy/grafana"
 DASHBOARD = GRAFANA / "dashboards/loop-lab.json"

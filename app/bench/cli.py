@@ -197,7 +197,7 @@ def _pythons(text: str) -> tuple[str, ...]:
 
 def _matrix(args: argparse.Namespace) -> int:
     from app.bench.matrix import MatrixConfig, MatrixError, run_matrix
-    from app.bench.matrix_report import matrix_notes, matrix_plots, matrix_report
+    from app.bench.matrix_report import broken_cells, matrix_notes, matrix_plots, matrix_report
     from app.bench.runner import ProcessError
     from app.bench.wrk import WrkError
 
@@ -218,7 +218,10 @@ def _matrix(args: argparse.Namespace) -> int:
     for note in matrix_notes(data):
         print(f"note: {note}")
     print(f"results in {out}/ (matrix.md, matrix.json, matrix-*.png)")
-    return 0
+    broken = broken_cells(data)
+    for line in broken:
+        print(f"loop-lab matrix: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -64,6 +64,19 @@ def matrix_notes(data: dict[str, Any]) -> list[str]:
     return notes
 
 
+def broken_cells(data: dict[str, Any]) -> list[str]:
+    """Cells where a claim's experiment failed to run or a request of the load failed."""
+    broken = []
+    for cell in data["cells"]:
+        errors = [c["id"] for c in cell["claims"] if c["verdict"] == "error"]
+        faults = [f"claim {claim_id} failed to run" for claim_id in errors]
+        if failures := cell["multiplex"]["failures"]:
+            faults.append(f"{failures} requests failed under load")
+        if faults:
+            broken.append(f"{_column(cell)}: {', '.join(faults)}")
+    return broken
+
+
 def matrix_report(data: dict[str, Any]) -> str:
     cells = data["cells"]
     columns = [_column(c) for c in cells]
