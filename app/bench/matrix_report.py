@@ -95,6 +95,15 @@ def matrix_report(data: dict[str, Any]) -> str:
         shlex.join(data["command"]) if data["command"] else "loop-lab matrix",
         "```",
         "",
+        "Inside each image: "
+        + "; ".join(
+            f"Python {c['versions']['python']} with aiohttp {c['versions']['aiohttp']}, "
+            f"uvloop {c['versions']['uvloop']}"
+            for c in cells
+            if c["loop"] == "asyncio"
+        )
+        + ".",
+        "",
         "## Claims",
         "",
         "A verdict in **bold** differs from the first interpreter on the same loop.",
