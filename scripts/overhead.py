@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: make `app` importable
     sys.path.insert(0, str(ROOT))
 
+from app.bench.wrk import WrkError, WrkResult, parse_wrk  # noqa: E402
 from app.launch import ProcessError, ServerProcess, serve_command  # noqa: E402
 from app.monitor.process import cpu_seconds  # noqa: E402
 
@@ -47,54 +47,9 @@ TARGETS: dict[str, float] = {"/healthz": 0.95, "/await?delay=0": 0.85}
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 30.0
 
-_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class BenchError(RuntimeError):
-    """The measurement could not be made (missing tool, server did not start, wrk failed)."""
-
-
-# -- wrk output ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WrkResult:
-    requests: int
-    duration_s: float
-    rps: float
-    latency_avg_ms: float
-    socket_errors: int  # connect + read + write + timeout
-    non_2xx: int
-
-    @property
-    def clean(self) -> bool:
-        """Every request answered with 2xx/3xx and no socket error: the rps means something."""
-        return self.socket_errors == 0 and self.non_2xx == 0 and self.requests > 0
-
-
-def _seconds(number: str, unit: str) -> float:
-    return float(number) * _UNIT_S[unit]
-
-
-def parse_wrk(text: str) -> WrkResult:
-    """Parse wrk's (4.x) summary: requests, duration, Requests/sec, latency, errors."""
-    totals = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h),", text, re.MULTILINE)
-    rps = re.search(r"^Requests/sec:\s*([\d.]+)", text, re.MULTILINE)
-    latency = re.search(r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\s", text, re.MULTILINE)
-    if totals is None or rps is None or latency is None:
-        raise BenchError(f"wrk output not understood:\n{text}")
-    errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
-    )
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    return WrkResult(
-        requests=int(totals.group(1)),
-        duration_s=_seconds(totals.group(2), totals.group(3)),
-        rps=float(rps.group(1)),
-        latency_avg_ms=_seconds(latency.group(1), latency.group(2)) * 1000.0,
-        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
-        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
-    )
+# wrk's output is read by app.bench.wrk (loop-lab matrix drives wrk too); its error is this
+# script's "the measurement could not be made" (missing tool, server did not start, wrk failed)
+BenchError = WrkError
 
 
 # -- ratios -------------------------------------------------------------------------------------

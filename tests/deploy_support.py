@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -54,13 +53,6 @@ def require_program(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_for(
     what: str | Callable[[], str], check: Callable[[], T | None], timeout: float, *watch: Service
 ) -> T:
@@ -91,7 +83,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes] | None:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
+        with exc:  # an unclosed error response is a ResourceWarning on 3.14+
+            return int(exc.code), bytes(exc.read())
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
 

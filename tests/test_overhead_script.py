@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from app.bench.wrk import WrkError, parse_wrk
 from app.monitor.process import cpu_seconds
 from scripts import overhead
 
@@ -56,7 +57,7 @@ Transfer/sec:      4.71MB
 
 def test_parse_wrk_reads_a_clean_run() -> None:
     """A clean wrk summary gives requests, duration, rps and mean latency in ms."""
-    result = overhead.parse_wrk(CLEAN_RUN)
+    result = parse_wrk(CLEAN_RUN)
     assert result.requests == 27165
     assert result.duration_s == pytest.approx(1.0)
     assert result.rps == pytest.approx(27146.19)
@@ -66,10 +67,10 @@ def test_parse_wrk_reads_a_clean_run() -> None:
 
 def test_parse_wrk_counts_errors_and_units() -> None:
     """Non-2xx answers and socket errors make a run unclean; s and m units convert."""
-    rejected = overhead.parse_wrk(REJECTED_RUN)
+    rejected = parse_wrk(REJECTED_RUN)
     assert rejected.non_2xx == 17323
     assert not rejected.clean
-    errors = overhead.parse_wrk(SOCKET_ERRORS_RUN)
+    errors = parse_wrk(SOCKET_ERRORS_RUN)
     assert errors.socket_errors == 15
     assert errors.duration_s == pytest.approx(60.0)
     assert errors.latency_avg_ms == pytest.approx(1520.0)
@@ -78,8 +79,8 @@ def test_parse_wrk_counts_errors_and_units() -> None:
 
 def test_parse_wrk_rejects_other_output() -> None:
     """Output that is not a wrk summary is an error, not a zero."""
-    with pytest.raises(overhead.BenchError):
-        overhead.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+    with pytest.raises(WrkError):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
 
 
 def test_ratios_are_paired_by_round() -> None:
@@ -119,7 +120,8 @@ def _get(url: str) -> tuple[int, Any]:
             body = response.read()
             status = response.status
     except urllib.error.HTTPError as exc:
-        body, status = exc.read(), exc.code
+        with exc:  # an unclosed error response is a ResourceWarning on 3.14+
+            body, status = exc.read(), exc.code
     return status, json.loads(body) if body.startswith(b"{") else body
 
 

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from app.launch import ServerThread, running_server
+from app.launch import ServerThread, free_port, running_server
 from app.loops import LOOP_NAMES
 from tests.deploy_support import (
     REPO,
     Service,
     answers_ok,
     compose_config,
-    free_port,
     http_get,
     http_json,
     require_program,

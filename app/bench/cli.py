@@ -198,8 +198,8 @@ def _pythons(text: str) -> tuple[str, ...]:
 def _matrix(args: argparse.Namespace) -> int:
     from app.bench.matrix import MatrixConfig, MatrixError, run_matrix
     from app.bench.matrix_report import broken_cells, matrix_notes, matrix_plots, matrix_report
-    from app.bench.runner import ProcessError
     from app.bench.wrk import WrkError
+    from app.launch import ProcessError
 
     out = Path(args.out or Path("results") / "matrix")
     command = ("loop-lab", *sys.argv[1:])

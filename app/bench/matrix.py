@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from typing import Any
 
 from app.bench.compare import run_order
 from app.bench.results import machine, median, source_version, spread, write_json
-from app.bench.runner import TreeCpu, wait_healthy
+from app.bench.runner import TreeCpu
 from app.bench.wrk import run_wrk
+from app.launch import eventually
 from app.loops import LOOP_NAMES, LoopName
 
 PYTHONS = ("3.11", "3.13", "3.14", "3.15")
@@ -128,6 +130,14 @@ def ensure_image(python: str, config: MatrixConfig, log: Log) -> str:
     return name
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # refused while it starts, or not yet answering
+        return False
+
+
 @contextmanager
 def server_container(
     image: str, loop: LoopName, port: int, name: str, cpu: int | None = SERVER_CPU
@@ -142,8 +152,8 @@ def server_container(
     try:
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(wait_healthy(url, time.monotonic() + START_TIMEOUT_S))
-        except Exception as exc:
+            asyncio.run(eventually(lambda: _healthy(url), within=START_TIMEOUT_S, what=url))
+        except TimeoutError as exc:
             logs = _docker("logs", "--tail", "30", name, check=False)
             raise MatrixError(f"{image} ({loop}) did not become healthy: {exc}\n{logs}") from exc
         pid = int(_docker("inspect", "-f", "{{.State.Pid}}", name))
