@@ -9,11 +9,15 @@ STAMP  := $(VENV)/.installed
 
 # Debian packages the tests run as real programs (docker-compose validates the compose file,
 # prometheus/promtool check and scrape). Append yours: SYSTEM_PACKAGES += chromium
+# /db's PostgreSQL tests and claim start a throwaway cluster from Debian's binaries (app.pgcluster)
+SYSTEM_PACKAGES += postgresql
 SYSTEM_PACKAGES := docker-compose prometheus
 # the dashboard's browser test drives Debian's Chromium (Playwright's own download cannot work here)
 SYSTEM_PACKAGES += chromium
 # loop-lab matrix drives saturated throughput with wrk
 SYSTEM_PACKAGES += wrk
+# /db's PostgreSQL tests and claim start a throwaway cluster from Debian's binaries (app.pgcluster)
+SYSTEM_PACKAGES += postgresql
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 $(BIN)/python:

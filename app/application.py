@@ -12,6 +12,7 @@ from app import (
     blocking,
     cpu,
     dashboard,
+    database,
     endpoints,
     events,
     gathering,
@@ -19,9 +20,12 @@ from app import (
     health,
     metrics,
     offload,
+    resolving,
     scheduling,
+    serialising,
     stats,
     threadsafe,
+    upstream,
 )
 from app.config import Settings
 from app.executors import Executors
@@ -60,6 +64,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(debug_ctx)
     monitor.setup(app)  # every request is counted and step-profiled by its middleware
     app.cleanup_ctx.append(executors_ctx)
+    # the real loop killers' resources (after the pools they use; closed before them)
+    app.cleanup_ctx.extend(
+        [resolving.default_executor_ctx, database.database_ctx, upstream.upstream_ctx]
+    )
     for module in (
         awaiting,
         blocking,
@@ -68,6 +76,10 @@ def create_app(settings: Settings | None = None) -> web.Application:
         gathering,
         scheduling,
         threadsafe,
+        database,
+        upstream,
+        resolving,
+        serialising,
         health,
         stats,
         metrics,

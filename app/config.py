@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from app.loops import LOOP_NAMES, LoopName
 
@@ -45,6 +46,15 @@ class Settings:
     max_body_size: int = 65_536
     disable_blocking: bool = False
     gc: GcMode = "tuned"
+    # real loop killers (app.database, app.upstream, app.resolving): "" = the embedded default
+    database_url: str = ""
+    db_connect_timeout: float = 5.0
+    db_query_timeout: float = 30.0
+    db_pool_size: int = 10
+    upstream_url: str = ""
+    upstream_timeout: float = 30.0
+    # asyncio's own default is min(32, cpus + 4), created on first use; set here to be counted
+    default_executor_workers: int = min(32, (os.cpu_count() or 1) + 4)
 
 
 def _int(lo: int, hi: int) -> Callable[[str], int]:
@@ -101,6 +111,24 @@ def _host(text: str) -> str:
     return text.strip()
 
 
+def _database_url(text: str) -> str:
+    text = text.strip()
+    if text and urlsplit(text).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be empty (SQLite) or a postgresql://user@host:port/dbname URL")
+    return text
+
+
+def _upstream_url(text: str) -> str:
+    text = text.strip().rstrip("/")
+    if text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"must be empty (start our own) or an http://host:port URL, got {text!r}"
+            )
+    return text
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "loop": _loop,
     "host": _host,
@@ -121,6 +149,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_body_size": _int(1, 1 << 30),
     "disable_blocking": _bool,
     "gc": _gc,
+    "database_url": _database_url,
+    "db_connect_timeout": _float(0.1, 600.0),
+    "db_query_timeout": _float(0.1, 3600.0),
+    "db_pool_size": _int(1, 1000),
+    "upstream_url": _upstream_url,
+    "upstream_timeout": _float(0.1, 3600.0),
+    "default_executor_workers": _int(1, 1024),
 }
 
 _HELP: dict[str, str] = {
@@ -146,6 +181,16 @@ _HELP: dict[str, str] = {
     "disable_blocking": "answer /block and /cpu with 403 (for shared deployments)",
     "gc": "garbage collector: tuned (startup objects frozen, young collections every 50 ms, "
     "full collections 100x rarer), default (CPython as shipped) or off",
+    "database_url": "PostgreSQL for /db, e.g. postgresql://user@127.0.0.1:5432/db "
+    "(empty: SQLite in a temporary file)",
+    "db_connect_timeout": "seconds /db waits for a database connection before answering 503",
+    "db_query_timeout": "seconds a /db query may run (PostgreSQL statement_timeout) before 503",
+    "db_pool_size": "connections per PostgreSQL pool (one blocking, one async) and aiosqlite",
+    "upstream_url": "the slow HTTP server /upstream calls, serving /await?delay= "
+    "(empty: start our own on loopback, in a thread with its own loop)",
+    "upstream_timeout": "seconds an /upstream call may take before 503",
+    "default_executor_workers": "threads in the loop's default executor (loop.getaddrinfo on "
+    "asyncio, run_in_executor(None, ...))",
 }
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from app.keys import EXECUTORS, GC, MONITOR
+from app.keys import DEFAULT_EXECUTOR, EXECUTORS, GC, MONITOR
 
 routes = web.RouteTableDef()
 
@@ -30,7 +30,8 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "longest_step": None
         if longest is None
         else {"route": longest[0], "max_step_ms": round(longest[1], 3)},
-        "executor": app[EXECUTORS].as_dict(),
+        # the loop's default executor too: loop.getaddrinfo and run_in_executor(None) queue there
+        "executor": {**app[EXECUTORS].as_dict(), "default": app[DEFAULT_EXECUTOR].as_dict()},
         "executor_limits": app[EXECUTORS].limits_dict(),
         "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
         "rss_mb": round(monitor.rss() / 2**20, 2),
