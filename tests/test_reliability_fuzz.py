@@ -17,7 +17,7 @@ from app.keys import MONITOR
 from app.launch import ServerThread, running_server
 
 ALLOWED = {200, 400, 405, 413, 431}
-PARAMS = ["delay", "n", "pool", "via"]  # every parameter an endpoint reads, plus noise below
+PARAMS = ["delay", "n", "pool", "via", "driver", "client", "kb"]  # every parameter an endpoint reads, plus noise below
 
 
 def _routes() -> list[str]:
@@ -48,7 +48,10 @@ junk = st.one_of(
     st.sampled_from(["%00", "\x00", "a%00b", "%ff", "%", "%%", "thread\x00", "process%00"]),
     st.text(alphabet="ab%", min_size=2000, max_size=9000),  # huge: past aiohttp's line limit
 )
-value = st.one_of(numbers, unicode_digits, junk, st.sampled_from(["thread", "process", "inline"]))
+choices = st.sampled_from(
+    ["thread", "process", "inline", "sync", "offload", "async", "requests", "aiohttp"]
+)
+value = st.one_of(numbers, unicode_digits, junk, choices)
 name = st.one_of(st.sampled_from(PARAMS), st.text(max_size=8))
 query = st.lists(st.tuples(name, value), max_size=6)  # names repeat freely: ?delay=1&delay=2
 

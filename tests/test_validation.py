@@ -42,6 +42,19 @@ BAD_CASES = [
     ("/threadsafe", "delay=1e999", "delay"),
     ("/await", "delay=1&delay=2", "delay"),
     ("/await", "delay=" + "9" * 5000, "delay"),
+    ("/db", "driver=mysql", "driver"),
+    ("/db", "driver=sync&delay=nan", "delay"),
+    ("/db", "driver=async&delay=61", "delay"),
+    ("/upstream", "client=curl", "client"),
+    ("/upstream", "client=requests&delay=-1", "delay"),
+    ("/upstream", "client=aiohttp&delay=1e3", "delay"),
+    ("/resolve", "n=0", "n"),
+    ("/resolve", "n=1001", "n"),
+    ("/resolve", "n=ten", "n"),
+    ("/json", "kb=0", "kb"),
+    ("/json", "kb=16385", "kb"),
+    ("/json", "kb=1.5", "kb"),
+    ("/json", "via=gpu", "via"),
 ]
 
 
@@ -90,9 +103,24 @@ def test_valid_edges_are_accepted(quick_server: ServerThread) -> None:
         assert status == 200, (target, body)
 
 
-PARAM_NAMES = st.sampled_from(["delay", "pool", "via", "n", "x", "", "delay[]"])
+PARAM_NAMES = st.sampled_from(
+    ["delay", "pool", "via", "n", "driver", "client", "kb", "x", "", "delay[]"]
+)
 ENDPOINTS = st.sampled_from(
-    ["/await", "/block", "/offload", "/cpu", "/gather", "/threadsafe", "/schedule", "/healthz"]
+    [
+        "/await",
+        "/block",
+        "/offload",
+        "/cpu",
+        "/gather",
+        "/threadsafe",
+        "/schedule",
+        "/healthz",
+        "/db",
+        "/upstream",
+        "/resolve",
+        "/json",
+    ]
 )
 
 
