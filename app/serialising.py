@@ -1,9 +1,9 @@
 """`/json`: serialising a K-kilobyte document with `json.dumps` on the loop, in a thread, or in a
 process.
 
-`json.dumps` runs in C and holds the GIL from start to end: inline it blocks the loop; in a thread
-the handler's own steps are short, but the loop still cannot run until the thread lets go of the
-GIL; in a process the loop stays free. The document is one ~1 KB row repeated, so building it
+`json.dumps` runs in C and holds the GIL from start to end (C code never reaches the interpreter's
+switch points): inline it blocks the loop; in a thread it blocks the loop just the same, since the
+loop thread needs the GIL back to run anything; in a process the loop stays free. The document is one ~1 KB row repeated, so building it
 costs next to nothing and the time is the encoder's.
 """
 

@@ -12,9 +12,7 @@ from app.keys import MONITOR
 from app.launch import ServerThread
 
 
-async def get_json(
-    session: aiohttp.ClientSession, url: str, status: int = 200
-) -> dict[str, Any]:
+async def get_json(session: aiohttp.ClientSession, url: str, status: int = 200) -> dict[str, Any]:
     async with session.get(url) as response:
         assert response.status == status, await response.text()
         body: dict[str, Any] = await response.json()

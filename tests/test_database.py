@@ -60,7 +60,7 @@ async def test_offloaded_or_async_query_leaves_healthz_alone(
 
 
 async def test_max_step_names_the_blocking_driver(db_server: ServerThread) -> None:
-    """The sync query's max_step_ms is its whole delay, the async one's a few ms; /stats blames /db."""
+    """A sync query's max_step_ms is its whole delay, an async one's a few ms; /stats blames /db."""
     async with aiohttp.ClientSession() as session:
         sync = await get_json(session, f"{db_server.url}/db?driver=sync&delay=0.25")
         async_ = await get_json(session, f"{db_server.url}/db?driver=async&delay=0.25")

@@ -17,7 +17,15 @@ from app.keys import MONITOR
 from app.launch import ServerThread, running_server
 
 ALLOWED = {200, 400, 405, 413, 431}
-PARAMS = ["delay", "n", "pool", "via", "driver", "client", "kb"]  # every parameter an endpoint reads, plus noise below
+PARAMS = [
+    "delay",
+    "n",
+    "pool",
+    "via",
+    "driver",
+    "client",
+    "kb",
+]  # every parameter an endpoint reads, plus noise below
 
 
 def _routes() -> list[str]:
