@@ -3,8 +3,8 @@ process.
 
 `json.dumps` runs in C and holds the GIL from start to end (C code never reaches the interpreter's
 switch points): inline it blocks the loop; in a thread it blocks the loop just the same, since the
-loop thread needs the GIL back to run anything; in a process the loop stays free. The document is one ~1 KB row repeated, so building it
-costs next to nothing and the time is the encoder's.
+loop thread needs the GIL back to run anything; in a process the loop stays free. The document is
+one ~1 KB row repeated, so building it costs next to nothing and the time is the encoder's.
 """
 
 from __future__ import annotations
