@@ -249,6 +249,14 @@ def test_blocking_call_freezes_loop() -> None:
     assert check("blocking_call_freezes_loop").verdict == "true"
 
 
+def test_sync_database_driver_freezes_loop() -> None:
+    """sqlite3 and psycopg (a real PostgreSQL) freeze the loop; aiosqlite and psycopg async do not."""
+    result = check("sync_database_driver_freezes_loop")
+    assert result.verdict == "true", result.evidence
+    for by_form in data(result, "runs").values():
+        assert set(by_form) == {"sqlite3", "aiosqlite", "psycopg", "psycopg async"}
+
+
 def test_loop_not_thread_safe() -> None:
     """A foreign call_soon waits for the next wake-up; call_soon_threadsafe wakes the loop."""
     result = check("loop_not_thread_safe")

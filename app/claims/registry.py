@@ -69,6 +69,7 @@ def _load_experiments() -> None:
     # Importing the topic modules runs their @claim decorators.
     from app.claims import (  # noqa: F401
         blocking,
+        database,
         debugging,
         scale,
         scheduling,
