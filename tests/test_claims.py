@@ -250,7 +250,7 @@ def test_blocking_call_freezes_loop() -> None:
 
 
 def test_sync_database_driver_freezes_loop() -> None:
-    """sqlite3 and psycopg (a real PostgreSQL) freeze the loop; aiosqlite and psycopg async do not."""
+    """sqlite3 and psycopg (real PostgreSQL) freeze the loop; aiosqlite, psycopg async do not."""
     result = check("sync_database_driver_freezes_loop")
     assert result.verdict == "true", result.evidence
     for by_form in data(result, "runs").values():
