@@ -167,6 +167,7 @@ def _add_options(parser: Any, **_: Any) -> None:
     parser.add_argument(
         "--cpu-units", type=int, default=2_000_000, help="work units per /cpu request"
     )
+    parser.add_argument("--json-kb", type=int, default=4096, help="KB per /json document")
 
 
 def _on_phase(msg: Any, **_: Any) -> None:
@@ -184,7 +185,8 @@ def _announce(environment: Any, **_: Any) -> None:
         environment.runner.register_message(PHASE_MESSAGE, _on_phase)
     options = environment.parsed_options
     if options is not None:
-        for user_class in (BlockUser, OffloadUser, CpuInlineUser, CpuThreadUser, CpuProcessUser):
+        paced = (BlockUser, OffloadUser, CpuInlineUser, CpuThreadUser, CpuProcessUser)
+        for user_class in (*paced, *REALWORLD_USERS):
             user_class.fixed_count = options.blockers
     log.info(
         "loop-lab users: keep-alive liveness check=%s, fd floor=%s",
@@ -299,6 +301,82 @@ class CpuProcessUser(_CpuUser):
     """CPU work in a process: its own interpreter and GIL, so the loop stays free."""
 
     via = "process"
+
+
+class _RealWorldUser(_PacedBlocker):
+    """One form of a real loop killer (realworld scenario): `target` with {block} and {kb} filled."""
+
+    abstract = True
+    target: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+
+    @task
+    def call(self) -> None:
+        if not is_active(self):
+            return
+        options = options_of(self)
+        path = self.target.format(block=f"{options.block:g}", kb=options.json_kb)
+        self.client.get(path, name=self.label)
+
+
+class DbSyncUser(_RealWorldUser):
+    """A blocking database driver on the loop (sqlite3, or psycopg with --database-url)."""
+
+    target = "/db?driver=sync&delay={block}"
+    label = "/db sync"
+
+
+class DbOffloadUser(_RealWorldUser):
+    """The same blocking driver in the thread pool."""
+
+    target = "/db?driver=offload&delay={block}"
+    label = "/db offload"
+
+
+class DbAsyncUser(_RealWorldUser):
+    """An async driver (aiosqlite, or psycopg's async connections)."""
+
+    target = "/db?driver=async&delay={block}"
+    label = "/db async"
+
+
+class UpstreamRequestsUser(_RealWorldUser):
+    """`requests` on the loop, calling a slow upstream."""
+
+    target = "/upstream?client=requests&delay={block}"
+    label = "/upstream requests"
+
+
+class UpstreamAiohttpUser(_RealWorldUser):
+    """The same call with the app's aiohttp.ClientSession."""
+
+    target = "/upstream?client=aiohttp&delay={block}"
+    label = "/upstream aiohttp"
+
+
+class JsonInlineUser(_RealWorldUser):
+    """json.dumps of a large document on the loop."""
+
+    target = "/json?kb={kb}&via=inline"
+    label = "/json inline"
+
+
+class JsonProcessUser(_RealWorldUser):
+    """The same serialisation in the process pool."""
+
+    target = "/json?kb={kb}&via=process"
+    label = "/json process"
+
+
+REALWORLD_USERS: tuple[type[_RealWorldUser], ...] = (
+    DbSyncUser,
+    DbOffloadUser,
+    DbAsyncUser,
+    UpstreamRequestsUser,
+    UpstreamAiohttpUser,
+    JsonInlineUser,
+    JsonProcessUser,
+)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,17 @@ EXPECTED_USERS = {
     "offload": {"AwaitUser", "OffloadUser", "ProbeUser"},
     "cpu": {"AwaitUser", "CpuInlineUser", "CpuThreadUser", "CpuProcessUser", "ProbeUser"},
     "story": {"AwaitUser", "BlockUser", "OffloadUser", "ProbeUser"},
+    "realworld": {
+        "AwaitUser",
+        "ProbeUser",
+        "DbSyncUser",
+        "DbOffloadUser",
+        "DbAsyncUser",
+        "UpstreamRequestsUser",
+        "UpstreamAiohttpUser",
+        "JsonInlineUser",
+        "JsonProcessUser",
+    },
 }
 
 # Runs in a child process: importing locust monkey-patches the interpreter with gevent.

@@ -11,9 +11,11 @@ SCENARIOS: dict[str, str] = {
     "offload": "the starvation load with the blocking call moved to a thread (/offload)",
     "cpu": "phases: calm, /cpu inline, /cpu in a thread, /cpu in a process (crowd + probe)",
     "story": "phases: calm, starvation, recovery, offload, calm (crowd + probe)",
+    "realworld": "phases: /db sync, offload, async; /upstream requests, aiohttp; /json inline, "
+    "process (crowd + probe)",
 }
 # scenarios whose LoadTestShape walks through phases (and reads -u/-r/-t itself)
-PHASED = frozenset({"cpu", "story"})
+PHASED = frozenset({"cpu", "story", "realworld"})
 LOADTEST_ENV = "LOOP_LAB_LOADTEST_DIR"
 
 

@@ -109,7 +109,8 @@ def sync_database_driver_freezes_loop() -> Outcome:
     checks: dict[str, bool] = {}
     for name, by_form in runs.items():
         for form, (ticks, gap) in by_form.items():
-            frozen = ticks == 0 and gap >= BLOCK * 0.9
+            # no tick at all through a gap of many ticks (SQLite's calibration varies with load)
+            frozen = ticks == 0 and gap >= BLOCK / 2
             free = ticks >= 3 and gap < BLOCK / 2
             checks[f"{name} {form}"] = frozen if form in BLOCKING else free
     if missing:
