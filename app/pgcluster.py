@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -154,3 +155,21 @@ def throwaway_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.remove()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.pgcluster CMD...`: CMD with LOOP_LAB_DATABASE_URL naming a fresh cluster."""
+    command = sys.argv[1:] if argv is None else argv
+    if not command:
+        print("usage: python -m app.pgcluster COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    with throwaway_cluster() as cluster:
+        print(
+            f"pgcluster: {cluster.url} (pid {cluster.process and cluster.process.pid})", flush=True
+        )
+        env = {**os.environ, "LOOP_LAB_DATABASE_URL": cluster.url}
+        return subprocess.run(command, env=env, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

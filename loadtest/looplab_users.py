@@ -185,8 +185,15 @@ def _announce(environment: Any, **_: Any) -> None:
         environment.runner.register_message(PHASE_MESSAGE, _on_phase)
     options = environment.parsed_options
     if options is not None:
-        paced = (BlockUser, OffloadUser, CpuInlineUser, CpuThreadUser, CpuProcessUser)
-        for user_class in (*paced, *REALWORLD_USERS):
+        paced: tuple[type[User], ...] = (
+            BlockUser,
+            OffloadUser,
+            CpuInlineUser,
+            CpuThreadUser,
+            CpuProcessUser,
+            *REALWORLD_USERS,
+        )
+        for user_class in paced:
             user_class.fixed_count = options.blockers
     log.info(
         "loop-lab users: keep-alive liveness check=%s, fd floor=%s",
@@ -304,7 +311,7 @@ class CpuProcessUser(_CpuUser):
 
 
 class _RealWorldUser(_PacedBlocker):
-    """One form of a real loop killer (realworld scenario): `target` with {block} and {kb} filled."""
+    """One form of a real loop killer (realworld): `target` with {block} and {kb} filled in."""
 
     abstract = True
     target: ClassVar[str] = ""
