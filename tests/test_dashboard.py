@@ -186,3 +186,38 @@ def test_dashboard_reconnects_after_a_server_restart(browser: BrowserContext) ->
             expect(page.locator("#announce")).to_contain_text("restarted", timeout=WAIT_MS)
     finally:
         page.close()
+
+
+def _burst_seconds(text: str) -> float:
+    """'… : all back in 0.95 s (each at …)' -> 0.95"""
+    return float(text.split("all back in ", 1)[1].split(" s", 1)[0])
+
+
+def test_dashboard_fires_the_real_loop_killers(
+    server: ServerThread, browser: BrowserContext
+) -> None:
+    """The /db and /upstream buttons fire their forms: blocking ones serialise, async overlap."""
+    page = browser.new_page()
+    log = PageLog(page, server.url)
+    try:
+        page.goto(f"{server.url}/")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        page.get_by_label("Delay per request (s)").fill("0.3")
+        page.get_by_label("Concurrent requests").fill("3")
+        burst_log = page.locator("#burst-log li")
+        seconds = {}
+        for name in ("/db sync", "/db async", "/upstream requests", "/upstream aiohttp"):
+            page.get_by_role("button", name=f"Fire {name}").click()
+            expect(burst_log.first).to_contain_text("all back", timeout=WAIT_MS)
+            text = burst_log.first.inner_text()
+            assert "failed" not in text, text
+            assert f"({name.split()[1]})" in text, text
+            seconds[name] = _burst_seconds(text)
+        # three blocking calls of 0.3 s take about 0.9 s; three async ones about 0.3 s
+        assert seconds["/db sync"] >= 0.85
+        assert seconds["/upstream requests"] >= 0.85
+        assert seconds["/db async"] < seconds["/db sync"] / 2
+        assert seconds["/upstream aiohttp"] < seconds["/upstream requests"] / 2
+        assert log.errors == []
+    finally:
+        page.close()

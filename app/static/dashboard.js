@@ -348,13 +348,16 @@ function readBurst() {
   return { delay: Number(delay.value), n: Number(concurrency.value), pool: $("pool").value };
 }
 
-async function fire(mode) {
+// `query` (a button's data-query) fixes the form's other parameter: /db?driver=sync, ...
+async function fire(mode, query) {
   const burst = readBurst();
   if (!burst) return;
   const params = new URLSearchParams({ delay: String(burst.delay) });
   if (mode === "offload") params.set("pool", burst.pool);
+  for (const [key, value] of new URLSearchParams(query || "")) params.set(key, value);
   const url = `/${mode}?${params}`;
-  const label = mode === "offload" ? `/offload (${burst.pool})` : `/${mode}`;
+  const label = mode === "offload" ? `/offload (${burst.pool})`
+              : query ? `/${mode} (${query.split("=")[1]})` : `/${mode}`;
   const item = document.createElement("li");
   const name = document.createElement("span");
   name.className = "mode";
@@ -399,7 +402,7 @@ async function fire(mode) {
 
 document.addEventListener("DOMContentLoaded", () => {
   for (const button of document.querySelectorAll("#burst-form button")) {
-    button.addEventListener("click", () => fire(button.dataset.mode));
+    button.addEventListener("click", () => fire(button.dataset.mode, button.dataset.query));
   }
   $("burst-form").addEventListener("submit", (event) => event.preventDefault());
   connect();
