@@ -110,6 +110,25 @@ def test_flags_win_over_env_over_defaults() -> None:
         build_settings({}, {"LOOP_LAB_PORT": "x"})
 
 
+def test_database_and_upstream_settings_are_validated() -> None:
+    """--database-url takes postgresql:// URLs, --upstream-url http(s) ones; timeouts bounded."""
+    url = "postgresql://app@127.0.0.1:5432/app"
+    assert build_settings({}, {"LOOP_LAB_DATABASE_URL": url}).database_url == url
+    assert build_settings({"upstream_url": "http://127.0.0.1:9/"}, {}).upstream_url == (
+        "http://127.0.0.1:9"
+    )
+    for flags, named in (
+        ({"database_url": "mysql://x@y/z"}, "--database-url"),
+        ({"upstream_url": "127.0.0.1:9"}, "--upstream-url"),
+        ({"db_connect_timeout": "0"}, "--db-connect-timeout"),
+        ({"db_query_timeout": "nan"}, "--db-query-timeout"),
+        ({"db_pool_size": "0"}, "--db-pool-size"),
+        ({"default_executor_workers": "0"}, "--default-executor-workers"),
+    ):
+        with pytest.raises(SettingError, match=named):
+            build_settings(flags, {})
+
+
 def test_no_flag_switches_off_what_env_switched_on() -> None:
     """--no-debug / --no-access-log win over LOOP_LAB_DEBUG=1 / LOOP_LAB_ACCESS_LOG=1."""
     parser = build_parser()
