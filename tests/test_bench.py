@@ -105,6 +105,30 @@ def test_blocking_starves_the_probe_and_offloading_does_not(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_realworld_starves_the_probe_only_in_the_blocking_phases(tmp_path: Path) -> None:
+    """realworld walks its eight phases; the probe waits out a blocking form, not its async one."""
+    result = bench_result(
+        tmp_path, "realworld", "--users", "40", "--duration", "24", "--delay", "0.3"
+    )
+    phases = {row["phase"]: row["by_name"] for row in result["phases"]}
+    assert list(phases) == [
+        "calm",
+        "db sync",
+        "db offload",
+        "db async",
+        "upstream requests",
+        "upstream aiohttp",
+        "json inline",
+        "json process",
+    ]
+    assert result["failures"] == 0
+    for blocking, free in (("db sync", "db async"), ("upstream requests", "upstream aiohttp")):
+        assert f"/{blocking}" in phases[blocking]
+        assert phases[blocking][PROBE]["p99"] >= 0.9 * 200  # waited out (most of) a 0.2 s call
+        assert phases[blocking][PROBE]["p99"] > 4 * phases[free][PROBE]["p99"]
+
+
+@pytest.mark.slow
 def test_story_walks_its_phases_and_starves_only_in_the_starvation_phase(tmp_path: Path) -> None:
     """The story walks calm, starvation, recovery, offload, calm; blockers block only in theirs."""
     result = bench_result(
