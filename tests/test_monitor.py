@@ -43,7 +43,7 @@ async def test_stats_shape(server: ServerThread, loop_name: str) -> None:
     assert stats["loop"] == loop_name
     assert set(stats["lag_ms"]) >= {"p50", "p99", "max"}
     assert set(stats["connections"]) >= {"open", "peak", "accepted_total"}
-    assert set(stats["executor"]) == {"thread", "process"}
+    assert set(stats["executor"]) == {"thread", "process", "default"}  # default: the loop's own
     assert set(stats["executor"]["thread"]) == {"workers", "busy", "queued"}
     assert stats["rss_mb"] > 0
 
