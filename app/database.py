@@ -48,7 +48,7 @@ Rows = list[tuple[Any, ...]]
 
 # SQLite has no sleep(): `sleep` is a Python function registered on each connection, called by the
 # query the way PostgreSQL's pg_sleep is, so the driver waits inside the query as it would on a
-# slow one (see docs/benchmarks.md, "Real loop killers", for why not a CPU-bound query).
+# slow one (docs/benchmarks.md, "Real loop killers", says why not a CPU-bound query).
 SQLITE_QUERIES = (
     "SELECT sleep(?)",
     f"SELECT id, name FROM items ORDER BY id LIMIT {ROWS}",
