@@ -10,8 +10,8 @@ if TYPE_CHECKING:
     import aiohttp
 
     from app.config import Settings
-    from app.events import Broadcaster
     from app.database import Database
+    from app.events import Broadcaster
     from app.executors import Executors
     from app.gctune import GcPauses, YoungSweeper
     from app.metrics import Metrics

@@ -14,10 +14,10 @@ import time
 
 import aiohttp
 
+from app.launch import running_server
 from app.loops import LOOP_NAMES, LoopName
 from app.pgcluster import throwaway_cluster
 from tests.loop_contrasts import wait_in_flight
-from tests.servers import running_server
 
 DRIVERS = ("sync", "offload", "async")
 CONNECT_TIMEOUT, QUERY_TIMEOUT = 2.0, 5.0

@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 
 from app.database import display_url
+from app.launch import ServerThread, running_server
 from app.loops import LoopName
 from app.pgcluster import Cluster, throwaway_cluster
 from tests.loop_contrasts import concurrent, get_json, healthz_latency_during, wait_in_flight
-from app.launch import ServerThread, running_server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

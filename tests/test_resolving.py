@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import aiohttp
 
+from app.launch import ServerThread, running_server
 from app.loops import LoopName
 from tests.loop_contrasts import get_json
-from tests.servers import ServerThread, running_server
 
 
 async def test_resolve_reports_each_call(server: ServerThread) -> None:

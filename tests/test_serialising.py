@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
+from app.launch import ServerThread
 from tests.loop_contrasts import get_json
-from tests.servers import ServerThread
 
 BIG = 16_384  # kb: a few hundred ms of encoding
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from app.launch import ServerThread, running_server
 from app.pgcluster import free_port
 from tests.loop_contrasts import concurrent, get_json, healthz_latency_during
-from tests.servers import ServerThread, running_server
 
 
 async def test_ten_requests_calls_serialise(server: ServerThread) -> None:
