@@ -9,8 +9,6 @@ STAMP  := $(VENV)/.installed
 
 # Debian packages the tests run as real programs (docker-compose validates the compose file,
 # prometheus/promtool check and scrape). Append yours: SYSTEM_PACKAGES += chromium
-# /db's PostgreSQL tests and claim start a throwaway cluster from Debian's binaries (app.pgcluster)
-SYSTEM_PACKAGES += postgresql
 SYSTEM_PACKAGES := docker-compose prometheus
 # the dashboard's browser test drives Debian's Chromium (Playwright's own download cannot work here)
 SYSTEM_PACKAGES += chromium
