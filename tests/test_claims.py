@@ -249,6 +249,7 @@ def test_blocking_call_freezes_loop() -> None:
     assert check("blocking_call_freezes_loop").verdict == "true"
 
 
+@pytest.mark.host  # a real PostgreSQL from Debian's binaries
 def test_sync_database_driver_freezes_loop() -> None:
     """sqlite3 and psycopg (real PostgreSQL) freeze the loop; aiosqlite, psycopg async do not."""
     result = check("sync_database_driver_freezes_loop")

@@ -18,7 +18,7 @@ from app.pgcluster import Cluster, throwaway_cluster
 from tests.loop_contrasts import concurrent, get_json, healthz_latency_during, wait_in_flight
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.host)])
 def db_server(request: pytest.FixtureRequest, loop_name: LoopName) -> Iterator[ServerThread]:
     """A loop-lab server whose /db is SQLite (the default) or the session's PostgreSQL."""
     overrides: dict[str, Any] = {}
@@ -111,6 +111,7 @@ async def _eventually_ok(session: aiohttp.ClientSession, url: str, within: float
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.host
 async def test_postgres_outage_is_a_503_and_heals(loop_name: LoopName) -> None:
     """PostgreSQL stopped mid-query: 503 naming it, within the timeouts; restarted: 200 again."""
     with (
@@ -154,6 +155,7 @@ async def test_postgres_outage_is_a_503_and_heals(loop_name: LoopName) -> None:
                 await _eventually_ok(session, f"{server.url}/db?driver={driver}&delay=0", 30)
 
 
+@pytest.mark.host
 async def test_postgres_query_timeout_is_a_503(postgres: Cluster) -> None:
     """A query longer than --db-query-timeout is cancelled by the server: 503, not a hang."""
     with running_server(

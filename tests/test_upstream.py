@@ -6,8 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from app.launch import ServerThread, running_server
-from app.pgcluster import free_port
+from app.launch import ServerThread, free_port, running_server
 from tests.loop_contrasts import concurrent, get_json, healthz_latency_during
 
 
