@@ -21,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -391,7 +393,32 @@ def check_postgres(stack: Stack) -> str:
     url = sh(
         "docker", "exec", stack.container("server-asyncio")[0], "printenv", "LOOP_LAB_DATABASE_URL"
     )
-    return f"healthy; psql over TCP as {answer!r}; uid {uid}; servers get {url.strip()}"
+    # the servers started before postgres: their pools reconnect by themselves (no restart)
+    answered = []
+    for service in ("server-asyncio", "server-uvloop"):
+        for driver in ("sync", "async"):
+            query = f"http://127.0.0.1:{PORTS[service]}/db?driver={driver}&delay=0.01"
+            body = wait_until(f"{service} /db?driver={driver}", partial(db_answer, query), 60)
+            if body["database"] != "postgresql":
+                raise CheckFailed(f"{service} /db used {body['database']}, not postgresql")
+            answered.append(f"{service.removeprefix('server-')} {driver}")
+    return (
+        f"healthy; psql over TCP as {answer!r}; uid {uid}; servers get {url.strip()}; "
+        f"/db on postgresql answered 200 ({', '.join(answered)})"
+    )
+
+
+def db_answer(url: str) -> Any:
+    """/db's JSON once it answers 200; None while the database is still out of reach (503)."""
+    try:
+        return get_json(url)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            if exc.code == 503:
+                return None
+            raise CheckFailed(f"{url} answered {exc.code}") from None
+    except OSError:
+        return None
 
 
 def check_down(stack: Stack) -> str:
