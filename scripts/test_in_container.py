@@ -3,7 +3,7 @@
     python -m scripts.test_in_container 3.14 [pytest arguments]
 
 The checkout is mounted read-only and copied in (without .venv and .git); the project is installed
-with its test extra into a fresh venv and pytest runs everything but the `host` tests (those drive
+with its test, load and bench extras into a fresh venv and pytest runs everything but the `host` tests (those drive
 Chromium, Prometheus or Docker, which the Python images lack; the default interpreter runs them).
 pip's downloads are cached between runs. Where the image is missing and no registry answers, the
 stand-in builder (scripts/standin_images.py) makes it from Debian packages. Needs a Docker engine
@@ -33,7 +33,7 @@ mkdir -p /work && cd /work
 tar -C /src --exclude=./.venv --exclude=./.git --exclude='*/__pycache__' -cf - . | tar -xf -
 python -m venv /opt/venv
 /opt/venv/bin/pip install --quiet --upgrade pip
-/opt/venv/bin/pip install --quiet -e '.[test,load]'
+/opt/venv/bin/pip install --quiet -e '.[test,load,bench]'
 /opt/venv/bin/python -c 'import sys; print("suite on Python", sys.version.split()[0])'
 exec /opt/venv/bin/python -m pytest -p no:cacheprovider -m 'not host' "$@"
 """
