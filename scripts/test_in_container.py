@@ -3,8 +3,9 @@
     python -m scripts.test_in_container 3.14 [pytest arguments]
 
 The checkout is mounted read-only and copied in (without .venv and .git); the project is installed
-with its test, load and bench extras into a fresh venv and pytest runs everything but the `host` tests (those drive
-Chromium, Prometheus or Docker, which the Python images lack; the default interpreter runs them).
+with its test, load and bench extras into a fresh venv, and pytest runs all but the `host` tests
+(those drive Chromium, Prometheus, PostgreSQL or Docker, which the Python images lack; the
+default interpreter runs them).
 pip's downloads are cached between runs. Where the image is missing and no registry answers, the
 stand-in builder (scripts/standin_images.py) makes it from Debian packages. Needs a Docker engine
 (`python -m scripts.docker_engine` starts one around it).
