@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from app.keys import MONITOR
-from app.launch import ServerThread
+from app.launch import ServerThread, eventually
 
 
 async def get_json(session: aiohttp.ClientSession, url: str, status: int = 200) -> dict[str, Any]:
@@ -32,10 +32,12 @@ async def wait_in_flight(server: ServerThread, route: str, count: int = 1) -> No
     """Poll the server's own route table (same process) until `route` is being handled."""
     assert server.server is not None
     routes = server.server.app[MONITOR].routes
-    deadline = time.monotonic() + 10
-    while routes.in_flight_by_route().get(route, 0) < count:
-        assert time.monotonic() < deadline, f"{route} never became in flight"
-        await asyncio.sleep(0.005)
+    await eventually(
+        lambda: routes.in_flight_by_route().get(route, 0) >= count,
+        within=10,
+        what=f"{route} in flight",
+        interval=0.005,
+    )
 
 
 async def healthz_latency_during(server: ServerThread, path: str, route: str) -> float:

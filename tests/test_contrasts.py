@@ -4,65 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import aiohttp
 
-from app.keys import MONITOR
-from app.launch import ServerThread, eventually
-
-
-async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with session.get(url) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-async def _concurrent(url: str, count: int) -> tuple[float, list[dict[str, Any]]]:
-    # one connection per request, so the server sees `count` truly concurrent requests
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        bodies = await asyncio.gather(*(_get_json(session, url) for _ in range(count)))
-        return time.perf_counter() - started, list(bodies)
-
-
-async def _wait_in_flight(server: ServerThread, route: str, count: int = 1) -> None:
-    """Poll the server's own route table (same process) until `route` is being handled."""
-    assert server.server is not None
-    routes = server.server.app[MONITOR].routes
-    await eventually(
-        lambda: routes.in_flight_by_route().get(route, 0) >= count,
-        within=10,
-        what=f"{route} in flight",
-        interval=0.005,
-    )
+from app.launch import ServerThread
+from tests.loop_contrasts import concurrent, get_json, wait_in_flight
 
 
 async def test_ten_blocks_serialise(server: ServerThread) -> None:
     """10 concurrent /block?delay=0.2 run one after another: about 10x one, at least 1.9 s."""
-    elapsed, bodies = await _concurrent(f"{server.url}/block?delay=0.2", 10)
+    elapsed, bodies = await concurrent(f"{server.url}/block?delay=0.2", 10)
     assert elapsed >= 1.9
     assert all(body["mode"] == "block" for body in bodies)
 
 
 async def test_ten_awaits_overlap(server: ServerThread) -> None:
     """10 concurrent /await?delay=0.2 overlap on one loop: well under a second in total."""
-    elapsed, _ = await _concurrent(f"{server.url}/await?delay=0.2", 10)
+    elapsed, _ = await concurrent(f"{server.url}/await?delay=0.2", 10)
     assert elapsed < 1.0
 
 
 async def test_ten_thread_offloads_overlap(server: ServerThread) -> None:
     """10 concurrent /offload?pool=thread overlap in the pool: well under a second."""
-    elapsed, bodies = await _concurrent(f"{server.url}/offload?delay=0.2&pool=thread", 10)
+    elapsed, bodies = await concurrent(f"{server.url}/offload?delay=0.2&pool=thread", 10)
     assert elapsed < 1.0
     assert {body["pool"] for body in bodies} == {"thread"}
 
 
 async def test_process_offloads_leave_loop_free(server: ServerThread) -> None:
     """/offload?pool=process runs in another process and keeps the handler's steps short."""
-    _, bodies = await _concurrent(f"{server.url}/offload?delay=0.2&pool=process", 2)
+    _, bodies = await concurrent(f"{server.url}/offload?delay=0.2&pool=process", 2)
     for body in bodies:
         assert body["worker"].split()[1] != str(body["pid"])
         assert body["max_step_ms"] < 50
@@ -70,8 +41,8 @@ async def test_process_offloads_leave_loop_free(server: ServerThread) -> None:
 
 async def _healthz_latency_during(server: ServerThread, path: str, route: str) -> float:
     async with aiohttp.ClientSession() as session:
-        slow = asyncio.create_task(_get_json(session, f"{server.url}{path}"))
-        await _wait_in_flight(server, route)
+        slow = asyncio.create_task(get_json(session, f"{server.url}{path}"))
+        await wait_in_flight(server, route)
         started = time.perf_counter()
         async with session.get(f"{server.url}/healthz") as response:
             assert response.status == 200
@@ -101,7 +72,7 @@ async def test_healthz_not_starved_by_offload(server: ServerThread) -> None:
 async def test_gather_takes_the_max_not_the_sum(server: ServerThread) -> None:
     """/gather of 50 tasks of 0.2 s takes about 0.2 s, not 10 s."""
     async with aiohttp.ClientSession() as session:
-        body = await _get_json(session, f"{server.url}/gather?n=50&delay=0.2")
+        body = await get_json(session, f"{server.url}/gather?n=50&delay=0.2")
     assert body["sum_of_delays"] == 10.0
     assert 0.19 <= body["elapsed"] < 0.6
 
@@ -109,14 +80,14 @@ async def test_gather_takes_the_max_not_the_sum(server: ServerThread) -> None:
 async def test_block_step_is_its_delay(server: ServerThread) -> None:
     """/block's max_step_ms is about its delay: the handler never yielded while sleeping."""
     async with aiohttp.ClientSession() as session:
-        body = await _get_json(session, f"{server.url}/block?delay=0.25")
+        body = await get_json(session, f"{server.url}/block?delay=0.25")
     assert 245 <= body["max_step_ms"] < 400
 
 
 async def test_await_step_is_tiny(server: ServerThread) -> None:
     """/await's max_step_ms is a few ms at most: it yields while it waits."""
     async with aiohttp.ClientSession() as session:
-        body = await _get_json(session, f"{server.url}/await?delay=0.25")
+        body = await get_json(session, f"{server.url}/await?delay=0.25")
     assert body["max_step_ms"] < 5
     assert body["elapsed"] >= 0.245  # libuv rounds timers to whole milliseconds
 
@@ -124,8 +95,8 @@ async def test_await_step_is_tiny(server: ServerThread) -> None:
 async def test_cpu_inline_holds_the_loop_process_does_not(server: ServerThread) -> None:
     """/cpu inline shows one long step; via=process keeps the handler's steps short."""
     async with aiohttp.ClientSession() as session:
-        inline = await _get_json(session, f"{server.url}/cpu?n=2000000&via=inline")
-        process = await _get_json(session, f"{server.url}/cpu?n=2000000&via=process")
+        inline = await get_json(session, f"{server.url}/cpu?n=2000000&via=inline")
+        process = await get_json(session, f"{server.url}/cpu?n=2000000&via=process")
     assert inline["checksum"] == process["checksum"]
     assert inline["max_step_ms"] >= 0.8 * inline["elapsed"] * 1000
     assert process["max_step_ms"] < 0.5 * process["elapsed"] * 1000
