@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import aiohttp
 
 from app.launch import ServerThread
-from tests.loop_contrasts import concurrent, get_json, wait_in_flight
+from tests.loop_contrasts import concurrent, get_json, healthz_latency_during
 
 
 async def test_ten_blocks_serialise(server: ServerThread) -> None:
@@ -39,33 +36,21 @@ async def test_process_offloads_leave_loop_free(server: ServerThread) -> None:
         assert body["max_step_ms"] < 50
 
 
-async def _healthz_latency_during(server: ServerThread, path: str, route: str) -> float:
-    async with aiohttp.ClientSession() as session:
-        slow = asyncio.create_task(get_json(session, f"{server.url}{path}"))
-        await wait_in_flight(server, route)
-        started = time.perf_counter()
-        async with session.get(f"{server.url}/healthz") as response:
-            assert response.status == 200
-        latency = time.perf_counter() - started
-        await slow
-        return latency
-
-
 async def test_healthz_starved_by_block(server: ServerThread) -> None:
     """A /healthz sent while /block holds the loop waits for the block to end."""
-    latency = await _healthz_latency_during(server, "/block?delay=0.6", "/block")
+    latency = await healthz_latency_during(server, "/block?delay=0.6", "/block")
     assert latency > 0.3
 
 
 async def test_healthz_not_starved_by_await(server: ServerThread) -> None:
     """A /healthz sent during an /await is answered at once."""
-    latency = await _healthz_latency_during(server, "/await?delay=0.6", "/await")
+    latency = await healthz_latency_during(server, "/await?delay=0.6", "/await")
     assert latency < 0.15
 
 
 async def test_healthz_not_starved_by_offload(server: ServerThread) -> None:
     """A /healthz sent during an /offload is answered at once."""
-    latency = await _healthz_latency_during(server, "/offload?delay=0.6", "/offload")
+    latency = await healthz_latency_during(server, "/offload?delay=0.6", "/offload")
     assert latency < 0.15
 
 
