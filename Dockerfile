@@ -1,13 +1,15 @@
-# Two images from one file:
+# Three images from one file:
 #   server: the service with its runtime dependencies only
 #   load:   the same plus the `load` extra (locust, matplotlib) and loadtest/, for locust and compare
-# Both install the project with pip from pyproject.toml, as the Makefile does. Dependencies go in a
+#   matrix: the load image plus the Docker CLI and wrk, to run `loop-lab matrix` (compose profile)
+# All install the project with pip from pyproject.toml, as the Makefile does. Dependencies go in a
 # layer of their own before the code is copied, so editing app/ rebuilds only a small layer.
 # The server's stages come first: Docker's legacy builder (no BuildKit) builds every stage before
-# the target, so `--target server` then builds no load stage. The last stage, `load`, is what a
-# plain `docker build .` gives. No `# syntax=` line: under BuildKit it pulls a frontend image.
+# the target, so `--target server` then builds no load stage, and `--target load` no matrix stage.
+# No `# syntax=` line: under BuildKit it pulls a frontend image.
 # The build stages run on BUILD_IMAGE (the full image of the same Python); the runtime stages stay
-# slim, without a compiler, and copy the built venv. `make compose-test` builds and runs both.
+# slim, without a compiler, and copy the built venv. `make compose-test` builds and runs server and load;
+# `make matrix-quick` builds matrix and runs it through the compose profile.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG BUILD_IMAGE=python:3.11-bookworm
@@ -76,3 +78,13 @@ COPY loadtest ./loadtest
 USER looplab
 EXPOSE 8089 5557
 CMD ["locust", "-f", "loadtest/multiplex.py"]
+
+# ---- the matrix image: drives the Docker engine it is given (its socket) to build one server image
+# per interpreter and run each cell; wrk drives the saturated runs, locust the 10k load
+
+FROM load AS matrix
+USER root
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends docker.io wrk \
+    && rm -rf /var/lib/apt/lists/*
+CMD ["loop-lab", "matrix", "--help"]

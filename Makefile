@@ -56,14 +56,14 @@ test-python: $(STAMP)
 	$(BIN)/python -m scripts.docker_engine $(BIN)/python -m scripts.test_in_container $(PY)
 
 # Claims, saturated throughput (wrk) and 10,000 connections per interpreter x loop, each in its
-# own container (docs/matrix.md; about 40 minutes on a quiet machine). matrix-quick is CI's form.
+# own container, run through docker-compose's `matrix` profile as a user would (docs/matrix.md;
+# about 40 minutes on a quiet machine). matrix-quick is CI's form.
 MATRIX_ARGS ?= --pythons 3.11,3.13,3.14,3.15
 matrix: $(STAMP) system-deps
-	$(BIN)/python -m scripts.docker_engine $(BIN)/loop-lab matrix $(MATRIX_ARGS) --out results/matrix
+	$(BIN)/python -m scripts.matrix_compose $(MATRIX_ARGS) --out results/matrix
 
 matrix-quick: $(STAMP) system-deps
-	$(BIN)/python -m scripts.docker_engine \
-		$(BIN)/loop-lab matrix --quick --pythons 3.11,3.14 --out results/matrix-quick
+	$(BIN)/python -m scripts.matrix_compose --quick --pythons 3.11,3.14 --out results/matrix-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check app loadtest tests deploy scripts

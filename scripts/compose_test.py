@@ -245,7 +245,8 @@ def check_image_contents() -> str:
 class Stack:
     """docker-compose on the host-network variant, one project name for everything it starts."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], project: str = PROJECT) -> None:
+        self.project = project
         self.host_file = workdir / "compose.host.yml"
         write_host_variant(self.host_file)
         self.extra: list[Path] = []
@@ -257,10 +258,17 @@ class Stack:
             else ["docker-compose"]
         )
 
-    def compose(self, *args: str, timeout: float = 600) -> str:
+    def argv(self) -> list[str]:
         files = [arg for f in (self.host_file, *self.extra) for arg in ("-f", str(f))]
-        argv = [*self.program, "-p", PROJECT, "--project-directory", str(REPO), *files, *args]
-        return sh(*argv, env=self.env, timeout=timeout)
+        return [*self.program, "-p", self.project, "--project-directory", str(REPO), *files]
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        return sh(*self.argv(), *args, env=self.env, timeout=timeout)
+
+    def run_service(self, service: str, command: list[str], profile: str) -> int:
+        """`compose run --rm SERVICE COMMAND` with its output streamed; its exit code."""
+        argv = [*self.argv(), "--profile", profile, "run", "--rm", "-T", service, *command]
+        return subprocess.run(argv, env=self.env, check=False).returncode
 
     def container(self, service: str) -> list[str]:
         return self.compose("ps", "-q", service).split()
@@ -272,7 +280,7 @@ class Stack:
         return sh("docker", "inspect", "-f", "{{.State.Health.Status}}", ids[0]).strip()
 
     def leftovers(self) -> list[str]:
-        label = f"label=com.docker.compose.project={PROJECT}"
+        label = f"label=com.docker.compose.project={self.project}"
         return sh("docker", "ps", "-a", "-q", "--filter", label).split()
 
 

@@ -40,6 +40,7 @@ PROFILES = {
     "compare": {"compare"},
     "observability": {"prometheus", "grafana"},
     "realworld": {"postgres"},
+    "matrix": {"matrix"},
 }
 # compose's own knobs keep the one-shot compare short here: users, seconds and rounds
 BOUNDED = {"COMPARE_ROUNDS": "1", "COMPARE_USERS": "4", "COMPARE_DURATION": "3"}
@@ -176,7 +177,8 @@ def test_host_variant_differs_from_the_file_only_as_documented(
         spec = real[name]
         host = dict(host_services[name])
         assert host.pop("network_mode") == "host"
-        expected = {k: v for k, v in spec.items() if k not in ("ports", "sysctls", "networks")}
+        dropped = ("ports", "sysctls", "networks", "network_mode")  # matrix is host already
+        expected = {k: v for k, v in spec.items() if k not in dropped}
         host.pop("networks", None)
         if name in SERVERS:
             env = host.pop("environment")
@@ -234,6 +236,24 @@ def test_workers_can_be_scaled(services: dict[str, Any]) -> None:
     assert "container_name" not in worker
     assert "ports" not in worker
     assert "--worker" in worker["command"]
+
+
+def test_matrix_profile_drives_the_engine_it_runs_on(services: dict[str, Any]) -> None:
+    """The matrix service runs `loop-lab matrix` from its own image with the engine's socket, the
+    host's network and pids, the checkout as build context, and never makes stand-ins."""
+    matrix = services["matrix"]
+    assert matrix["build"]["target"] == "matrix"
+    assert matrix["network_mode"] == "host"
+    assert matrix["pid"] == "host"
+    # docker-compose 1.x resolves them to the short form SOURCE:TARGET:MODE
+    mounts = {
+        target: (source, mode) for source, target, mode in (v.split(":") for v in matrix["volumes"])
+    }
+    assert mounts["/var/run/docker.sock"][0] == "/var/run/docker.sock"
+    assert mounts["/src"] == (str(REPO), "ro")
+    assert matrix["command"][:2] == ["loop-lab", "matrix"]
+    assert {"--context=/src", "--no-standins"} <= set(matrix["command"])
+    assert [s.name for s in stage_chain(parse_dockerfile(), "matrix")][-2:] == ["load", "matrix"]
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------

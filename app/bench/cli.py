@@ -203,7 +203,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
     out = Path(args.out or Path("results") / "matrix")
     command = ("loop-lab", *sys.argv[1:])
-    extra = {"context": args.context, "command": command}
+    extra = {"context": args.context, "command": command, "standins": args.standins}
     if args.quick:
         config = MatrixConfig.quick(out, args.pythons, **extra)
     else:
@@ -285,6 +285,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     matrix.add_argument(
         "--context", type=Path, default=Path("."), help="the checkout with the Dockerfile"
+    )
+    matrix.add_argument(
+        "--no-standins",
+        dest="standins",
+        action="store_false",
+        help="never make stand-in base images from Debian packages; let docker pull the official "
+        "python:X.Y images (the compose profile's way)",
     )
     matrix.add_argument("--out", type=Path, help="output directory (default results/matrix)")
     matrix.set_defaults(func=_matrix)

@@ -57,6 +57,8 @@ class MatrixConfig:
     multiplex_duration_s: int = 60
     port: int = 18_090
     context: Path = Path(".")  # the checkout holding the Dockerfile
+    # make absent base images from Debian packages; off, `docker build` pulls the official ones
+    standins: bool = True
     command: tuple[str, ...] = ()
 
     @classmethod
@@ -97,18 +99,29 @@ def _image_exists(name: str) -> bool:
     return done.returncode == 0
 
 
+def ensure_bases(python: str, context: Path) -> None:
+    """Make the interpreter's base images from Debian packages where the engine has none.
+
+    No registry here: the stand-in builder (scripts/standin_images.py, root and debootstrap)
+    makes them and says so. Debian ships 3.11 in bookworm, 3.13 in trixie, the newer ones in sid.
+    """
+    missing = [n for n in base_images(python) if not _image_exists(n)]
+    if not missing:
+        return
+    suite = {"3.11": "bookworm", "3.13": "trixie"}.get(python, "sid")
+    standins = context / "scripts" / "standin_images.py"
+    if not standins.exists():  # not a checkout: `docker build` pulls what it can
+        return
+    argv = [sys.executable, str(standins), "--suite", suite, "--python", python, *missing]
+    if subprocess.run(argv, check=False).returncode != 0:
+        raise MatrixError(f"could not make base images {missing} for Python {python}")
+
+
 def ensure_image(python: str, config: MatrixConfig, log: Log) -> str:
-    """Build the server image for `python` from the Dockerfile (stand-in bases where needed)."""
+    """Build the server image for `python` from the Dockerfile (stand-in bases if allowed)."""
     runtime, build = base_images(python)
-    standins = config.context / "scripts" / "standin_images.py"
-    missing = [n for n in (runtime, build) if not _image_exists(n)]
-    if missing and standins.exists():
-        # no registry here: the stand-in builder makes them from Debian packages and says so;
-        # Debian ships 3.11 in bookworm, 3.13 in trixie, and the newer ones in sid
-        suite = {"3.11": "bookworm", "3.13": "trixie"}.get(python, "sid")
-        argv = [sys.executable, str(standins), "--suite", suite, "--python", python, *missing]
-        if subprocess.run(argv, check=False).returncode != 0:
-            raise MatrixError(f"could not make base images {missing} for Python {python}")
+    if config.standins:
+        ensure_bases(python, config.context)
     name = image_name(python)
     log(f"matrix: building {name} from {runtime}")
     started = time.monotonic()
