@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from app.bench.matrix import PYTHONS, ensure_bases
+from app.bench.results import source_version
 from scripts.compose_test import REPO, Stack, build_env
 from scripts.docker_engine import docker_engine, engine_nofile
 
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
         subprocess.run(build, env=build_env(), check=True)
         # the engine's own hard limit caps what a container may ask for (docs/compose.md)
         env = {**os.environ, "NOFILE": str(min(65536, engine_nofile(pid))), "RESULTS_DIR": str(out)}
+        env["LOOP_LAB_SOURCE"] = source_version() or ""
         stack = Stack(Path(tmp), env, project="looplab-matrix")
         command = ["loop-lab", "matrix", f"--pythons={','.join(pythons)}", "--context=/src"]
         command += ["--no-standins", "--out=/results", *matrix_args]

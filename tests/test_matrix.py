@@ -13,6 +13,7 @@ import pytest
 
 from app.bench.matrix import base_images
 from app.bench.matrix_report import broken_cells, changed_claims, matrix_notes, matrix_report
+from app.bench.results import source_version
 
 
 def _cell(python: str, loop: str, verdicts: dict[str, str], **saturated: Any) -> dict[str, Any]:
@@ -134,3 +135,13 @@ def test_a_claim_that_failed_to_run_or_a_failed_request_breaks_the_run() -> None
         "3.14.1 uvloop: claim eager failed to run",
         "3.15.1 asyncio: 3 requests failed under load",
     ]
+
+
+def test_source_version_is_the_checkouts_commit_or_what_the_builder_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From a checkout: git's short commit; an installed copy (no git) reports LOOP_LAB_SOURCE."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert (source_version() or "").removesuffix("+dirty") == head.stdout.strip()
+    monkeypatch.setenv("LOOP_LAB_SOURCE", "abc1234")
+    assert source_version() == "abc1234"

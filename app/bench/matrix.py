@@ -2,7 +2,7 @@
 
 Per interpreter one image from the project's Dockerfile (PYTHON_IMAGE/BUILD_IMAGE); per cell the
 claims, saturated throughput (server pinned to one CPU in its container, wrk on the other, fresh
-server per round, loops alternating) and one multiplex load from the host's locust.
+server per round, loops alternating) and one multiplex load from locust beside them.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def matrix_report(data: dict[str, Any]) -> str:
         f"{data['rounds']} round(s) of {data['wrk']['duration_s']:g} s per path, a fresh server "
         f"per round, loops alternating; then {data['multiplex']['users']:,} connections for "
         f"{data['multiplex']['duration_s']} s (delay {data['multiplex']['delay_s']:g} s) from "
-        "the host's locust.",
+        "locust outside the cells' containers.",
         "",
         "```",
         shlex.join(data["command"]) if data["command"] else "loop-lab matrix",

@@ -155,7 +155,12 @@ def _name_block(s: LatencySummary) -> dict[str, Any]:
 
 
 def source_version() -> str | None:
-    """The git commit the server and scenarios ran from, "+dirty" if app/ or loadtest/ differ."""
+    """The git commit the server and scenarios ran from, "+dirty" if app/ or loadtest/ differ.
+
+    An installed copy has no git: LOOP_LAB_SOURCE, set by whoever built it, says instead.
+    """
+    if given := os.environ.get("LOOP_LAB_SOURCE"):
+        return given
     repo = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
