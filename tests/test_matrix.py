@@ -5,13 +5,18 @@ The containers themselves run in CI's `make matrix-quick` (a real engine, two in
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from pytest_aiohttp.plugin import AiohttpServer
 
-from app.bench.matrix import base_images
+from app.bench.instructions import per_request_counts
+from app.bench.matrix import base_images, instruction_ratio
 from app.bench.matrix_report import broken_cells, changed_claims, matrix_notes, matrix_report
 from app.bench.results import source_version
 
@@ -49,7 +54,7 @@ def _cell(python: str, loop: str, verdicts: dict[str, str], **saturated: Any) ->
 
 def _data(cells: list[dict[str, Any]], spread: float = 1.01, rounds: int = 3) -> dict[str, Any]:
     pythons = list(dict.fromkeys(c["python"] for c in cells))
-    ratio = {"median": 1.05, "min": 1.03, "max": 1.03 * spread, "spread": spread}
+    ratio = {"median": 1.03 * (1 + spread) / 2, "min": 1.03, "max": 1.03 * spread, "spread": spread}
     return {
         "pythons": pythons,
         "rounds": rounds,
@@ -145,3 +150,87 @@ def test_source_version_is_the_checkouts_commit_or_what_the_builder_says(
     assert (source_version() or "").removesuffix("+dirty") == head.stdout.strip()
     monkeypatch.setenv("LOOP_LAB_SOURCE", "abc1234")
     assert source_version() == "abc1234"
+
+
+def test_instructions_give_a_uvloop_over_asyncio_ratio_per_interpreter_and_a_table() -> None:
+    """Each interpreter's callgrind counts become a uvloop/asyncio ratio and a report section."""
+    cells = [_cell(p, loop, {}) for p in ("3.11", "3.14") for loop in ("asyncio", "uvloop")]
+    counts = {("3.11", "asyncio"): 200_000, ("3.11", "uvloop"): 180_000}
+    counts |= {("3.14", "asyncio"): 160_000, ("3.14", "uvloop"): 176_000}
+    for cell in cells:
+        cell["instructions"] = {"/healthz": counts[(cell["python"], cell["loop"])]}
+    ratios = instruction_ratio(cells)
+    assert ratios == {"3.11": {"/healthz": 0.9}, "3.14": {"/healthz": 1.1}}
+    report = matrix_report({**_data(cells), "instruction_ratio": ratios})
+    assert "| `/healthz` | 200,000 | 180,000 | 160,000 | 176,000 |" in report
+    assert "| 3.14 | 1.100 |" in report
+    without = [_cell("3.11", "asyncio", {})]
+    assert "Instructions per request" not in matrix_report(_data(without))
+
+
+async def test_batches_cancel_what_each_dump_adds_on_its_own(aiohttp_server: AiohttpServer) -> None:
+    """Per request = (N2 batch - N1 batch) / (N2 - N1) on a real server: a fixed cost per dump
+    (the dump itself, the idle moments) drops out, and warm-up lands in no batch."""
+    served = 0
+
+    async def hello(request: web.Request) -> web.Response:
+        nonlocal served
+        served += 1
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", hello)
+    server = await aiohttp_server(app)
+    last = 0
+
+    async def dump() -> int:
+        nonlocal last
+        since, last = served - last, served
+        return 1_000 * since + 77_777  # 1,000 "instructions" a request, plus a fixed cost
+
+    url = f"http://127.0.0.1:{server.port}"
+    figures = await per_request_counts(url, {"/healthz": (30, 130)}, 4, dump)
+    assert figures == {"/healthz": 1_000.0}
+    assert served == 30 + 30 + 130  # warm-up: N1 requests
+
+
+def test_combine_joins_runs_of_one_setting_into_one_report(tmp_path: Path) -> None:
+    """`matrix --combine A B` measures nothing: one matrix.json/md with every run's cells and
+    commands; runs with other settings are refused with exit 3."""
+    for python in ("3.11", "3.15"):
+        run = {**_data([_cell(python, "asyncio", {}), _cell(python, "uvloop", {})])}
+        run["command"] = ["loop-lab", "matrix", "--pythons", python]
+        (tmp_path / python).mkdir()
+        (tmp_path / python / "matrix.json").write_text(json.dumps(run))
+    argv = [sys.executable, "-m", "app", "matrix", "--out", str(tmp_path / "all"), "--combine"]
+    done = subprocess.run(
+        [*argv, str(tmp_path / "3.11"), str(tmp_path / "3.15")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    joined = json.loads((tmp_path / "all" / "matrix.json").read_text())
+    assert [(c["python"], c["loop"]) for c in joined["cells"]] == [
+        ("3.11", "asyncio"),
+        ("3.11", "uvloop"),
+        ("3.15", "asyncio"),
+        ("3.15", "uvloop"),
+    ]
+    assert set(joined["ratio"]) == {"3.11", "3.15"}
+    report = (tmp_path / "all" / "matrix.md").read_text()
+    assert "loop-lab matrix --pythons 3.15" in report
+    assert "| 3.15.1 asyncio |" in report
+
+    other = json.loads((tmp_path / "3.15" / "matrix.json").read_text())
+    (tmp_path / "3.15" / "matrix.json").write_text(json.dumps({**other, "rounds": 1}))
+    done = subprocess.run(
+        [*argv, str(tmp_path / "3.11"), str(tmp_path / "3.15")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert "rounds" in done.stderr

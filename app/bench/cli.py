@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -196,8 +197,9 @@ def _pythons(text: str) -> tuple[str, ...]:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from app.bench.matrix import MatrixConfig, MatrixError, run_matrix
+    from app.bench.matrix import MatrixConfig, MatrixError, combine, run_matrix
     from app.bench.matrix_report import broken_cells, matrix_notes, matrix_plots, matrix_report
+    from app.bench.results import write_json
     from app.bench.wrk import WrkError
     from app.launch import ProcessError
 
@@ -207,10 +209,22 @@ def _matrix(args: argparse.Namespace) -> int:
     if args.quick:
         config = MatrixConfig.quick(out, args.pythons, **extra)
     else:
-        config = MatrixConfig(out=out, pythons=args.pythons, rounds=args.rounds, **extra)
+        config = MatrixConfig(
+            out=out,
+            pythons=args.pythons,
+            rounds=args.rounds,
+            instructions=args.instructions,
+            **extra,
+        )
     try:
-        data = run_matrix(config, lambda s: print(s, flush=True))
-    except (MatrixError, WrkError, ProcessError) as exc:
+        if args.combine:
+            parts = [json.loads((d / "matrix.json").read_text()) for d in args.combine]
+            out.mkdir(parents=True, exist_ok=True)
+            data = combine(parts, command)
+            write_json(out / "matrix.json", data)
+        else:
+            data = run_matrix(config, lambda s: print(s, flush=True))
+    except (MatrixError, WrkError, ProcessError, OSError, json.JSONDecodeError) as exc:
         print(f"loop-lab matrix: {exc}", file=sys.stderr)
         return 3
     (out / "matrix.md").write_text(matrix_report(data), encoding="utf-8")
@@ -285,6 +299,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     matrix.add_argument(
         "--context", type=Path, default=Path("."), help="the checkout with the Dockerfile"
+    )
+    matrix.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="measure nothing: join the matrix.json of earlier runs (same settings) into --out",
+    )
+    matrix.add_argument(
+        "--no-instructions",
+        dest="instructions",
+        action="store_false",
+        help="skip the callgrind run per cell (instructions per request; off in --quick)",
     )
     matrix.add_argument(
         "--no-standins",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bench.compare import run_order
+from app.bench.instructions import MeterError, dump_count, per_request_counts
 from app.bench.results import machine, median, source_version, spread, write_json
 from app.bench.runner import TreeCpu
 from app.bench.wrk import run_wrk
@@ -36,6 +37,14 @@ SERVER_CPU, GENERATOR_CPU = 0, 1
 START_TIMEOUT_S = 60.0
 # a server below this share of its CPU, or wrk above it, means wrk set the pace
 BUSY_SHARE = 0.9
+# callgrind's batches per path (N1, N2 requests), each difference ~300M instructions: a few
+# minutes per cell at valgrind's ~50x slowdown
+INSTRUCTION_BATCHES = {
+    "/healthz": (500, 2500),
+    "/await?delay=0": (500, 2500),
+    "/gather?n=100&delay=0": (20, 80),
+}
+VALGRIND_START_TIMEOUT_S = 300.0  # imports and the process pool's spawn, 50x slower
 
 Log = Callable[[str], None]
 
@@ -59,6 +68,7 @@ class MatrixConfig:
     context: Path = Path(".")  # the checkout holding the Dockerfile
     # make absent base images from Debian packages; off, `docker build` pulls the official ones
     standins: bool = True
+    instructions: bool = True  # callgrind's instructions per request per cell
     command: tuple[str, ...] = ()
 
     @classmethod
@@ -73,6 +83,7 @@ class MatrixConfig:
             users=1000,
             multiplex_delay_s=5.0,
             multiplex_duration_s=20,
+            instructions=False,
             **kw,
         )
 
@@ -153,19 +164,30 @@ def _healthy(url: str) -> bool:
 
 @contextmanager
 def server_container(
-    image: str, loop: LoopName, port: int, name: str, cpu: int | None = SERVER_CPU
+    image: str,
+    loop: LoopName,
+    port: int,
+    name: str,
+    cpu: int | None = SERVER_CPU,
+    wrapper: Sequence[str] = (),
+    serve_args: Sequence[str] = (),
+    within: float = START_TIMEOUT_S,
 ) -> Iterator[tuple[str, TreeCpu]]:
-    """A fresh `loop-lab serve` in a container on the host network; yields its URL and CPU meter."""
+    """A fresh `loop-lab serve` in a container on the host network; yields its URL and CPU meter.
+
+    `wrapper` goes before the command (valgrind), `serve_args` after it.
+    """
     argv = ["run", "-d", "--rm", "--network", "host", "--name", name]
     if cpu is not None:
         argv += ["--cpuset-cpus", str(cpu)]
-    argv += [image, "loop-lab", "serve", "--loop", loop, "--host", "127.0.0.1", "--port", str(port)]
+    argv += [image, *wrapper, "loop-lab", "serve", "--loop", loop, "--host", "127.0.0.1"]
+    argv += ["--port", str(port), *serve_args]
     _docker("rm", "-f", name, check=False)
     _docker(*argv)
     try:
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(eventually(lambda: _healthy(url), within=START_TIMEOUT_S, what=url))
+            asyncio.run(eventually(lambda: _healthy(url), within=within, what=url))
         except TimeoutError as exc:
             logs = _docker("logs", "--tail", "30", name, check=False)
             raise MatrixError(f"{image} ({loop}) did not become healthy: {exc}\n{logs}") from exc
@@ -173,6 +195,69 @@ def server_container(
         yield url, TreeCpu(pid)
     finally:
         _docker("rm", "-f", name, check=False)
+
+
+_VALGRIND = """FROM {image}
+USER root
+RUN apt-get update \\
+    && apt-get install -y --no-install-recommends valgrind perl \\
+    && rm -rf /var/lib/apt/lists/*
+USER looplab
+"""
+
+
+def valgrind_image(image: str, log: Log) -> str:
+    """The server image plus valgrind (callgrind_control is a perl script)."""
+    name = image.replace(":server-", ":valgrind-")
+    log(f"matrix: building {name}")
+    done = subprocess.run(
+        ["docker", "build", "--network", "host", "-t", name, "-"],
+        input=_VALGRIND.format(image=image),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise MatrixError(f"could not build {name}: {done.stderr.strip()[-2000:]}")
+    return name
+
+
+def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> dict[str, float]:
+    """Instructions per request of each saturated path, the server under callgrind.
+
+    `--gc default`, as scripts/instructions.py runs it: `--gc tuned` works on a clock, which
+    counts ~50x under valgrind. The monitor's 20 ms lag sampler still ticks, alike in every cell.
+    """
+    name = f"looplab-matrix-callgrind-{loop}"
+    out = "/tmp/callgrind.out"
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    valgrind += ["--log-file=/tmp/valgrind.log"]
+    under_callgrind = server_container(
+        image,
+        loop,
+        config.port + 2,
+        name,
+        wrapper=valgrind,
+        serve_args=["--gc", "default"],
+        within=VALGRIND_START_TIMEOUT_S,
+    )
+    with under_callgrind as (url, _):
+        dumps = 0
+
+        async def dump() -> int:
+            nonlocal dumps
+            dumps += 1  # with no pid, callgrind_control dumps every callgrind run: the server
+            await asyncio.to_thread(_docker, "exec", name, "callgrind_control", "--dump")
+            grep = ("exec", name, "grep", "-m1", "^summary:", f"{out}.{dumps}")
+            return dump_count(await asyncio.to_thread(_docker, *grep))
+
+        try:
+            figures = asyncio.run(
+                per_request_counts(url, INSTRUCTION_BATCHES, config.connections, dump)
+            )
+        except MeterError as exc:
+            raise MatrixError(f"callgrind in {image} ({loop}): {exc}") from exc
+    return {path: round(n) for path, n in figures.items()}
 
 
 _VERSIONS = (
@@ -323,10 +408,26 @@ def run_matrix(config: MatrixConfig, log: Log = print) -> dict[str, Any]:
                 "saturated": {p: s.summary() for p, s in saturated[loop].items()},
                 "multiplex": multiplex(image, loop, config, out / "multiplex"),
             }
+        if config.instructions:
+            measured = valgrind_image(image, log)
+            for loop in LOOP_NAMES:
+                log(f"matrix: Python {full} {loop}: instructions per request under callgrind")
+                cells[(python, loop)]["instructions"] = instructions_in(measured, loop, config)
         write_json(config.out / "matrix.json", _data(config, list(cells.values()), ratio))
     data = _data(config, list(cells.values()), ratio)
     write_json(config.out / "matrix.json", data)
     return data
+
+
+def instruction_ratio(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """uvloop / asyncio instructions per request, per interpreter and path (one run each)."""
+    by_cell = {(c["python"], c["loop"]): c.get("instructions") for c in cells}
+    found: dict[str, dict[str, float]] = {}
+    for (python, loop), figures in by_cell.items():
+        other = by_cell.get((python, "asyncio"))
+        if loop == "uvloop" and figures and other:
+            found[python] = {path: round(n / other[path], 3) for path, n in figures.items()}
+    return found
 
 
 def _data(
@@ -343,7 +444,33 @@ def _data(
         },
         "cells": list(cells),
         "ratio": ratio,
+        "instruction_ratio": instruction_ratio(cells),
         "command": list(config.command),
         "source": source_version(),
         "machine": {**machine(), "host_python": platform.python_version()},
+    }
+
+
+def combine(parts: Sequence[dict[str, Any]], command: Sequence[str]) -> dict[str, Any]:
+    """One matrix from runs of the same settings (one interpreter at a time, say), side by side.
+
+    Each run's cells were measured against each other only; across runs compare the claims and
+    the instruction counts (which other load cannot move), not requests/s.
+    """
+    first = parts[0]
+    settings = ("rounds", "wrk", "multiplex")
+    for part in parts[1:]:
+        if differ := [k for k in settings if part[k] != first[k]]:
+            raise MatrixError(f"runs with other settings ({', '.join(differ)}) cannot be combined")
+    cells = [cell for part in parts for cell in part["cells"]]
+    return {
+        **{k: first[k] for k in settings},
+        "pythons": list(dict.fromkeys(p for part in parts for p in part["pythons"])),
+        "cells": cells,
+        "ratio": {k: v for part in parts for k, v in part["ratio"].items()},
+        "instruction_ratio": instruction_ratio(cells),
+        "command": list(command),
+        "runs": [{"command": part["command"], "source": part["source"]} for part in parts],
+        "source": first["source"],
+        "machine": first["machine"],
     }

@@ -92,6 +92,7 @@ def matrix_report(data: dict[str, Any]) -> str:
         "locust outside the cells' containers.",
         "",
         "```",
+        *(shlex.join(run["command"]) for run in data.get("runs", [])),
         shlex.join(data["command"]) if data["command"] else "loop-lab matrix",
         "```",
         "",
@@ -158,6 +159,7 @@ def matrix_report(data: dict[str, Any]) -> str:
             )
             + " |"
         )
+    lines += _instruction_lines(data)
     lines += [
         "",
         f"## {data['multiplex']['users']:,} connections",
@@ -178,6 +180,37 @@ def matrix_report(data: dict[str, Any]) -> str:
     lines += [f"- {n}" for n in notes] or ["- every cell was server-bound; no ratio was noisy"]
     lines += ["", "Plots: `matrix-saturated.png`, `matrix-ratio.png`", ""]
     return "\n".join(lines)
+
+
+def _instruction_lines(data: dict[str, Any]) -> list[str]:
+    cells = [c for c in data["cells"] if c.get("instructions")]
+    if not cells:
+        return []
+    paths = list(cells[0]["instructions"])
+    lines = [
+        "",
+        "## Instructions per request (callgrind)",
+        "",
+        "The server under valgrind's callgrind, one run per cell: the count does not move with "
+        "other load on the machine, so it is the verdict on what a request costs each "
+        "interpreter and loop; the requests/s above stand beside it.",
+        "",
+        "| path | " + " | ".join(_column(c) for c in cells) + " |",
+        "|---|" + "---:|" * len(cells),
+    ]
+    for path in paths:
+        counts = " | ".join(f"{c['instructions'][path]:,}" for c in cells)
+        lines.append(f"| `{path}` | {counts} |")
+    lines += [
+        "",
+        "uvloop / asyncio instructions per request (below 1: uvloop does less work).",
+        "",
+        "| Python | " + " | ".join(f"`{p}`" for p in paths) + " |",
+        "|---|" + "---:|" * len(paths),
+    ]
+    for python, by_path in data.get("instruction_ratio", {}).items():
+        lines.append(f"| {python} | " + " | ".join(f"{by_path[p]:.3f}" for p in paths) + " |")
+    return lines
 
 
 def matrix_plots(data: dict[str, Any], out: Path) -> list[Path]:

@@ -1,0 +1,90 @@
+"""Instructions per request under valgrind's callgrind: the meter that other load cannot move.
+
+A shared VM's rps swings 10-30% between rounds; the instructions a server executes for a request
+do not. The server runs under callgrind; after warm-up, each path gets a batch of N1 and a batch of
+N2 keep-alive requests, and after each batch callgrind is asked for a dump (the instructions since
+the one before): (batch N2 - batch N1) / (N2 - N1) is one request, the dumps and the idle moments
+between batches cancelled out. Used by scripts/instructions.py (loop-lab vs bare aiohttp) and
+`loop-lab matrix` (each interpreter x loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+
+WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
+
+_SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
+
+
+class MeterError(RuntimeError):
+    """The server under callgrind answered wrongly, or a dump could not be read."""
+
+
+def dump_count(dump: str) -> int:
+    """The instruction count of one callgrind dump (its `summary:` line)."""
+    match = _SUMMARY.search(dump)
+    if match is None:
+        raise MeterError(f"no 'summary:' line in the callgrind dump:\n{dump[:500]}")
+    return int(match.group(1))
+
+
+def per_request(count_small: int, count_large: int, small: int, large: int) -> float:
+    """Instructions one request costs: the difference of two batches over their request counts."""
+    if large <= small:
+        raise ValueError("the second batch must send more requests than the first")
+    return (count_large - count_small) / (large - small)
+
+
+async def _keep_alive_client(host: str, port: int, path: str, requests: int) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    try:
+        for _ in range(requests):
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise MeterError(f"{path}: {head.splitlines()[0]!r}")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+async def send_requests(url: str, path: str, requests: int, connections: int) -> None:
+    """`requests` GETs of `path`, spread over `connections` keep-alive connections, like wrk."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    share, extra = divmod(requests, connections)
+    await asyncio.gather(
+        *(
+            _keep_alive_client(host, int(port), path, share + (1 if i < extra else 0))
+            for i in range(connections)
+        )
+    )
+
+
+async def per_request_counts(
+    url: str,
+    batches: dict[str, tuple[int, int]],
+    connections: int,
+    dump: Callable[[], Awaitable[int]],
+) -> dict[str, float]:
+    """Instructions per request of each path, given a `dump()` that returns the count since the
+    last one. Warms every path up first (up to N1 requests), so first-use work lands in no batch."""
+    for path, (small, _) in batches.items():
+        await send_requests(url, path, min(WARMUP, small), connections)
+    await dump()
+    figures = {}
+    for path, (small, large) in batches.items():
+        counts = []
+        for requests in (small, large):
+            await send_requests(url, path, requests, connections)
+            counts.append(await dump())
+        figures[path] = per_request(counts[0], counts[1], small, large)
+    return figures
