@@ -80,11 +80,15 @@ EXPOSE 8089 5557
 CMD ["locust", "-f", "loadtest/multiplex.py"]
 
 # ---- the matrix image: drives the Docker engine it is given (its socket) to build one server image
-# per interpreter and run each cell; wrk drives the saturated runs, locust the 10k load
+# per interpreter and run each cell; wrk drives the saturated runs, locust the 10k load. The tools
+# come first, so a change to app/ reuses their layer.
 
-FROM load AS matrix
-USER root
+FROM runtime AS matrix
 RUN apt-get update \
     && apt-get install -y --no-install-recommends docker.io wrk \
     && rm -rf /var/lib/apt/lists/*
+ENV LOOP_LAB_LOADTEST_DIR=/app/loadtest \
+    MPLCONFIGDIR=/tmp/matplotlib
+COPY --from=build-load /opt/venv /opt/venv
+COPY loadtest ./loadtest
 CMD ["loop-lab", "matrix", "--help"]
