@@ -38,9 +38,10 @@ def main(argv: list[str]) -> int:
     with docker_engine() as pid, tempfile.TemporaryDirectory(prefix="matrix-compose-") as tmp:
         for python in dict.fromkeys([MATRIX_IMAGE_PYTHON, *pythons]):
             ensure_bases(python, REPO)
-        build = ["docker", "build", "--network", "host", "--target", "matrix"]
+        build = ["docker", "build", "--quiet", "--network", "host", "--target", "matrix"]
         build += ["-t", "loop-lab:matrix", str(REPO)]
-        subprocess.run(build, env=build_env(), check=True)
+        print("matrix-compose: building loop-lab:matrix", flush=True)
+        subprocess.run(build, env=build_env(), check=True, stdout=subprocess.DEVNULL)
         # the engine's own hard limit caps what a container may ask for (docs/compose.md)
         env = {**os.environ, "NOFILE": str(min(65536, engine_nofile(pid))), "RESULTS_DIR": str(out)}
         env["LOOP_LAB_SOURCE"] = source_version() or ""
