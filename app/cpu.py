@@ -6,7 +6,7 @@ from time import perf_counter
 
 from aiohttp import web
 
-from app.executors import PoolName
+from app.executors import VIA
 from app.keys import EXECUTORS
 from app.params import choice_param, int_param
 from app.policy import ensure_allowed
@@ -14,7 +14,6 @@ from app.responses import demo_response
 
 routes = web.RouteTableDef()
 
-VIA = ("inline", "thread", "process")
 MAX_UNITS = 20_000_000  # about a second or two of pure Python on a laptop core
 
 
@@ -32,9 +31,5 @@ async def cpu_handler(request: web.Request) -> web.Response:
     started = perf_counter()
     units = int_param(request, "n", default=1_000_000, lo=1, hi=MAX_UNITS)
     via = choice_param(request, "via", VIA, "inline")
-    if via == "inline":
-        checksum = burn(units)
-    else:
-        pool: PoolName = "thread" if via == "thread" else "process"
-        checksum = await request.app[EXECUTORS].pool(pool).run(burn, units)
+    checksum = await request.app[EXECUTORS].run_via(via, burn, units)
     return demo_response(request, "cpu", started, n=units, via=via, checksum=checksum)

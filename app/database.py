@@ -12,7 +12,6 @@ timeout; the pools reconnect by themselves once it is back.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import sqlite3
 import tempfile
@@ -34,7 +33,7 @@ from app.executors import worker_sleep
 from app.keys import DATABASE, EXECUTORS, SETTINGS
 from app.params import choice_param, delay_param
 from app.policy import ensure_allowed
-from app.responses import demo_response
+from app.responses import demo_response, unavailable
 
 routes = web.RouteTableDef()
 
@@ -57,15 +56,6 @@ POSTGRES_QUERIES = (
     "SELECT pg_sleep(%s)",
     f"SELECT n, md5(n::text) FROM generate_series(1, {ROWS}) AS n",
 )
-
-
-class DatabaseUnavailable(web.HTTPServiceUnavailable):
-    """503 naming the database and what went wrong, for a database that is down or too slow."""
-
-    def __init__(self, database: str, driver: str, error: BaseException | str) -> None:
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}".strip()
-        body = {"error": f"database unavailable: {text}", "database": database, "driver": driver}
-        super().__init__(text=json.dumps(body), content_type="application/json")
 
 
 def _sqlite_sleep(seconds: float) -> float:
@@ -131,8 +121,8 @@ class Database:
     def queries(self) -> Sequence[str]:
         return SQLITE_QUERIES if self.kind == "sqlite" else POSTGRES_QUERIES
 
-    def unavailable(self, driver: str, error: BaseException | str) -> DatabaseUnavailable:
-        return DatabaseUnavailable(f"{self.kind} {self.where}", driver, error)
+    def unavailable(self, driver: str, error: BaseException | str) -> web.HTTPException:
+        return unavailable("database", error, database=f"{self.kind} {self.where}", driver=driver)
 
     def query_blocking(self, delay: float) -> Rows:
         """The blocking driver's query, run by whichever thread calls it."""
@@ -192,25 +182,24 @@ async def _postgres(settings: Settings) -> AsyncIterator[Database]:
     # open=False, then open(wait=False): a database that is down delays no start-up; the pools'
     # own threads and tasks keep connecting until it is back. `check` drops connections that died
     # with a restarted server before a request gets one.
+    pool_options: dict[str, Any] = {
+        "kwargs": kwargs,
+        "min_size": size,
+        "max_size": size,
+        "open": False,
+        "reconnect_timeout": RECONNECT_S,
+    }
     sync_pool = psycopg_pool.ConnectionPool(
         url,
-        kwargs=kwargs,
-        min_size=size,
-        max_size=size,
-        open=False,
         check=psycopg_pool.ConnectionPool.check_connection,
-        reconnect_timeout=RECONNECT_S,
         name="looplab-blocking",
+        **pool_options,
     )
     async_pool = psycopg_pool.AsyncConnectionPool(
         url,
-        kwargs=kwargs,
-        min_size=size,
-        max_size=size,
-        open=False,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
-        reconnect_timeout=RECONNECT_S,
         name="looplab-async",
+        **pool_options,
     )
     loop = asyncio.get_running_loop()
     sync_pool.open(wait=False)

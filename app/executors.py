@@ -34,6 +34,8 @@ from aiohttp import web
 
 PoolName = Literal["thread", "process"]
 POOL_NAMES: tuple[PoolName, ...] = ("thread", "process")
+Via = Literal["inline", "thread", "process"]
+VIA: tuple[Via, ...] = ("inline", *POOL_NAMES)  # where a handler's `via` runs its work
 T = TypeVar("T")
 
 RETRY_AFTER_MAX_S = 60
@@ -188,6 +190,12 @@ class Executors:
 
     def pool(self, name: PoolName) -> TrackedPool:
         return self.thread if name == "thread" else self.process
+
+    async def run_via(self, via: Via, fn: Callable[[int], T], arg: int) -> T:
+        """`fn(arg)` where `via` says: on the loop itself (inline) or in the thread/process pool."""
+        if via == "inline":
+            return fn(arg)  # holds the loop until it returns: the lesson of the inline form
+        return await self.pool(via).run(fn, arg)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {"thread": self.thread.as_dict(), "process": self.process.as_dict()}

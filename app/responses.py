@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from time import perf_counter
 from typing import Any
 
@@ -20,3 +21,11 @@ def demo_response(request: web.Request, mode: str, started: float, **fields: Any
     body["pid"] = monitor.pid
     body["max_step_ms"] = round(current_max_step_ms(request), 3)
     return web.json_response(body)
+
+
+def unavailable(service: str, error: BaseException | str, **names: str) -> web.HTTPException:
+    """503 JSON for a service that is down, failing or too slow: what went wrong, and `names`
+    (which service and how it was called), so the answer says where to look."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    body = {"error": f"{service} unavailable: {text.strip().rstrip(':')}", **names}
+    return web.HTTPServiceUnavailable(text=json.dumps(body), content_type="application/json")

@@ -15,14 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from app.executors import PoolName
+from app.executors import VIA
 from app.keys import EXECUTORS
 from app.params import choice_param, int_param
 from app.responses import demo_response
 
 routes = web.RouteTableDef()
 
-VIA = ("inline", "thread", "process")
 MAX_KB = 16_384  # 16 MB of JSON: a few hundred ms of encoding
 
 # one row of about 1 KB of JSON: strings that need escaping, numbers, floats, nesting
@@ -52,9 +51,5 @@ async def json_handler(request: web.Request) -> web.Response:
     started = perf_counter()
     kb = int_param(request, "kb", default=1024, lo=1, hi=MAX_KB)
     via = choice_param(request, "via", VIA, "inline")
-    if via == "inline":
-        size = serialise(kb)
-    else:
-        pool: PoolName = "thread" if via == "thread" else "process"
-        size = await request.app[EXECUTORS].pool(pool).run(serialise, kb)
+    size = await request.app[EXECUTORS].run_via(via, serialise, kb)
     return demo_response(request, "json", started, kb=kb, via=via, chars=size)

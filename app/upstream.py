@@ -10,7 +10,6 @@ its own event loop, at start-up, and stops it at shutdown.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import AsyncIterator
 from time import perf_counter
@@ -23,7 +22,7 @@ from aiohttp import web
 from app.keys import EXECUTORS, HTTP_CLIENT, SETTINGS, UPSTREAM
 from app.params import choice_param, delay_param
 from app.policy import ensure_allowed
-from app.responses import demo_response
+from app.responses import demo_response, unavailable
 
 routes = web.RouteTableDef()
 
@@ -117,15 +116,6 @@ def requests_get(url: str, timeout: float) -> Any:
     return response.json()
 
 
-class UpstreamUnavailable(web.HTTPServiceUnavailable):
-    """503 naming the upstream and the error, for an upstream that is down, failing or too slow."""
-
-    def __init__(self, url: str, client: str, error: BaseException) -> None:
-        text = f"{type(error).__name__}: {error}".strip().rstrip(":")
-        body = {"error": f"upstream unavailable: {text}", "upstream": url, "client": client}
-        super().__init__(text=json.dumps(body), content_type="application/json")
-
-
 @routes.get("/upstream")
 async def upstream_handler(request: web.Request) -> web.Response:
     started = perf_counter()
@@ -147,7 +137,7 @@ async def upstream_handler(request: web.Request) -> web.Response:
                 response.raise_for_status()
                 answer = await response.json()
     except (requests.RequestException, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise UpstreamUnavailable(base, client, exc) from None
+        raise unavailable("upstream", exc, upstream=base, client=client) from None
     return demo_response(
         request, "upstream", started, client=client, delay=delay, upstream=url, answer=answer
     )

@@ -44,7 +44,7 @@ TARGETS: dict[str, float] = {"/healthz": 0.15, "/await?delay=0": 0.20}
 OTEL_SHARE = 1 / 20  # loop-lab's addition may be at most this share of OpenTelemetry's
 WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
 IDLE_S = 5.0  # seconds of no requests, to see what the server does on a clock
-START_TIMEOUT_S = 300.0  # startup under valgrind is slow (imports, the process pool's spawn)
+START_TIMEOUT_S = 900.0  # startup under valgrind: imports, the pools' spawn (minutes if loaded)
 
 _SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
 

@@ -14,8 +14,16 @@ import pytest
 from app.database import display_url
 from app.launch import ServerThread, running_server
 from app.loops import LoopName
-from app.pgcluster import Cluster, throwaway_cluster
-from tests.loop_contrasts import concurrent, get_json, healthz_latency_during, wait_in_flight
+from app.pgcluster import Cluster
+from tests.loop_contrasts import concurrent, get_json, healthz_latency_during
+from tests.postgres_outage import (
+    CONNECT_TIMEOUT,
+    DRIVERS,
+    QUERY_TIMEOUT,
+    server_on_cluster,
+    stop_under_queries,
+    timed_get,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.host)])
@@ -88,22 +96,10 @@ def test_display_url_drops_the_password() -> None:
     assert shown == "postgresql://app@127.0.0.1:5432/shop"
 
 
-DRIVERS = ("sync", "offload", "async")
-CONNECT_TIMEOUT = 2.0  # libpq's smallest connect_timeout
-QUERY_TIMEOUT = 5.0
-
-
-async def _status_and_seconds(session: aiohttp.ClientSession, url: str) -> tuple[int, float, Any]:
-    started = time.perf_counter()
-    async with session.get(url) as response:
-        body = await response.json()
-        return response.status, time.perf_counter() - started, body
-
-
 async def _eventually_ok(session: aiohttp.ClientSession, url: str, within: float) -> None:
     deadline = time.monotonic() + within
     while True:
-        status, _, body = await _status_and_seconds(session, url)
+        status, _, body = await timed_get(session, url)
         if status == 200:
             return
         assert status == 503, body
@@ -114,36 +110,17 @@ async def _eventually_ok(session: aiohttp.ClientSession, url: str, within: float
 @pytest.mark.host
 async def test_postgres_outage_is_a_503_and_heals(loop_name: LoopName) -> None:
     """PostgreSQL stopped mid-query: 503 naming it, within the timeouts; restarted: 200 again."""
-    with (
-        throwaway_cluster() as cluster,
-        running_server(
-            loop_name,
-            database_url=cluster.url,
-            db_connect_timeout=CONNECT_TIMEOUT,
-            db_query_timeout=QUERY_TIMEOUT,
-        ) as server,
-    ):
+    with server_on_cluster(loop_name) as (cluster, server):
         async with aiohttp.ClientSession() as session:
-            for driver in DRIVERS:  # warm: every pool has connections
-                await get_json(session, f"{server.url}/db?driver={driver}&delay=0")
-            # async and offloaded queries in flight when the server goes down
-            in_flight = [
-                asyncio.create_task(
-                    _status_and_seconds(session, f"{server.url}/db?driver={d}&delay=3")
-                )
-                for d in ("offload", "async")
-            ]
-            await wait_in_flight(server, "/db", 2)
-            await asyncio.sleep(0.3)  # let both queries reach the server; not a readiness wait
-            await asyncio.get_running_loop().run_in_executor(None, cluster.stop)
-            for status, seconds, body in await asyncio.gather(*in_flight):
+            # offloaded and async queries in flight when the server goes down
+            for status, seconds, body in await stop_under_queries(session, server, cluster):
                 assert status == 503, body
                 assert seconds < 3, "a query cut by the outage waited out its delay"
                 assert "postgresql" in body["database"]
             # while it is down: every driver answers 503 within the connect timeout
             limit = CONNECT_TIMEOUT + QUERY_TIMEOUT + 1.0
             for driver in DRIVERS:
-                status, seconds, body = await _status_and_seconds(
+                status, seconds, body = await timed_get(
                     session, f"{server.url}/db?driver={driver}&delay=0"
                 )
                 assert status == 503, body
@@ -163,7 +140,7 @@ async def test_postgres_query_timeout_is_a_503(postgres: Cluster) -> None:
     ) as server:
         async with aiohttp.ClientSession() as session:
             for driver in DRIVERS:
-                status, seconds, body = await _status_and_seconds(
+                status, seconds, body = await timed_get(
                     session, f"{server.url}/db?driver={driver}&delay=3"
                 )
                 assert status == 503, body

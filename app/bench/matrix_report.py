@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import matplotlib.pyplot as plt
 from app.bench.matrix import BUSY_SHARE
 from app.bench.plots import DPI, LOOP_COLOURS
 from app.bench.report import machine_line
+
+Row = tuple[str, Sequence[str]]  # a table row: its label, one value per column
 
 SPREAD_LIMIT = 1.05  # paired ratios further apart than this are reported as noisy
 
@@ -109,16 +112,16 @@ def matrix_report(data: dict[str, Any]) -> str:
         "",
         "A verdict in **bold** differs from the first interpreter on the same loop.",
         "",
-        "| claim | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
     ]
+
+    def verdict(cell: dict[str, Any], claim_id: str) -> str:
+        said = _verdicts(cell).get(claim_id, "-")
+        return f"**{said}**" if claim_id in changed[_column(cell)] else said
+
     ids = [c["id"] for c in cells[0]["claims"]] if cells else []
-    for claim_id in ids:
-        row = []
-        for cell in cells:
-            verdict = _verdicts(cell).get(claim_id, "-")
-            row.append(f"**{verdict}**" if claim_id in changed[_column(cell)] else verdict)
-        lines.append(f"| {claim_id} | " + " | ".join(row) + " |")
+    lines += _table(
+        "claim", columns, "---", [(i, [verdict(cell, i) for cell in cells]) for i in ids]
+    )
     differing = sorted({i for ids_ in changed.values() for i in ids_})
     if differing:
         lines += ["", "What the interpreters answered where they differ:", ""]
@@ -134,16 +137,16 @@ def matrix_report(data: dict[str, Any]) -> str:
         "",
         "Median requests/s over rounds (server CPU µs per request).",
         "",
-        "| path | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
     ]
-    for path in paths:
-        row = []
-        for cell in cells:
-            s = cell["saturated"][path]
-            mark = "" if s["server_bound"] else " ⚠"
-            row.append(f"{s['rps']:,.0f} ({s['cpu_us_per_request']:.1f} µs){mark}")
-        lines.append(f"| `{path}` | " + " | ".join(row) + " |")
+
+    def saturated(cell: dict[str, Any], path: str) -> str:
+        s = cell["saturated"][path]
+        mark = "" if s["server_bound"] else " ⚠"
+        return f"{s['rps']:,.0f} ({s['cpu_us_per_request']:.1f} µs){mark}"
+
+    lines += _table(
+        "path", columns, "---:", [(f"`{p}`", [saturated(cell, p) for cell in cells]) for p in paths]
+    )
     lines += [
         "",
         "uvloop / asyncio requests/s, paired by round: median (min-max).",
@@ -182,12 +185,20 @@ def matrix_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table(corner: str, columns: Sequence[str], align: str, rows: Iterable[Row]) -> list[str]:
+    """A markdown table: `corner` over the row labels, one column a cell (interpreter x loop)."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---|" + f"{align}|" * len(columns)]
+    return lines + [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+
+
 def _instruction_lines(data: dict[str, Any]) -> list[str]:
     cells = [c for c in data["cells"] if c.get("instructions")]
     if not cells:
         return []
     paths = list(cells[0]["instructions"])
-    lines = [
+    counts = ((f"`{p}`", [f"{c['instructions'][p]:,}" for c in cells]) for p in paths)
+    ratios = data.get("instruction_ratio", {}).items()
+    return [
         "",
         "## Instructions per request (callgrind)",
         "",
@@ -195,22 +206,17 @@ def _instruction_lines(data: dict[str, Any]) -> list[str]:
         "other load on the machine, so it is the verdict on what a request costs each "
         "interpreter and loop; the requests/s above stand beside it.",
         "",
-        "| path | " + " | ".join(_column(c) for c in cells) + " |",
-        "|---|" + "---:|" * len(cells),
-    ]
-    for path in paths:
-        counts = " | ".join(f"{c['instructions'][path]:,}" for c in cells)
-        lines.append(f"| `{path}` | {counts} |")
-    lines += [
+        *_table("path", [_column(c) for c in cells], "---:", counts),
         "",
         "uvloop / asyncio instructions per request (below 1: uvloop does less work).",
         "",
-        "| Python | " + " | ".join(f"`{p}`" for p in paths) + " |",
-        "|---|" + "---:|" * len(paths),
+        *_table(
+            "Python",
+            [f"`{p}`" for p in paths],
+            "---:",
+            ((python, [f"{by_path[p]:.3f}" for p in paths]) for python, by_path in ratios),
+        ),
     ]
-    for python, by_path in data.get("instruction_ratio", {}).items():
-        lines.append(f"| {python} | " + " | ".join(f"{by_path[p]:.3f}" for p in paths) + " |")
-    return lines
 
 
 def matrix_plots(data: dict[str, Any], out: Path) -> list[Path]:

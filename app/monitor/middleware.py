@@ -98,7 +98,7 @@ def _drive(
     send_value: Any = None
     error: BaseException | None = None
     status = 500
-    steps.started = started = perf_counter()
+    first = started = perf_counter()  # the request's start, and its first step's
     try:
         while True:
             steps.step_started = started
@@ -135,4 +135,4 @@ def _drive(
             if ended - started > steps.max_step:
                 steps.max_step = ended - started
         record.in_flight -= 1
-        record.add(status, ended - steps.started, steps.max_step)
+        record.add(status, ended - first, steps.max_step)
