@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,7 @@ def test_instructions_give_a_uvloop_over_asyncio_ratio_per_interpreter_and_a_tab
     counts |= {("3.14", "asyncio"): 160_000, ("3.14", "uvloop"): 176_000}
     for cell in cells:
         cell["instructions"] = {"/healthz": counts[(cell["python"], cell["loop"])]}
+        cell["idle_instructions_per_s"] = 3_000_000
     ratios = instruction_ratio(cells)
     assert ratios == {"3.11": {"/healthz": 0.9}, "3.14": {"/healthz": 1.1}}
     report = matrix_report({**_data(cells), "instruction_ratio": ratios})
@@ -168,9 +170,11 @@ def test_instructions_give_a_uvloop_over_asyncio_ratio_per_interpreter_and_a_tab
     assert "Instructions per request" not in matrix_report(_data(without))
 
 
-async def test_batches_cancel_what_each_dump_adds_on_its_own(aiohttp_server: AiohttpServer) -> None:
-    """Per request = (N2 batch - N1 batch) / (N2 - N1) on a real server: a fixed cost per dump
-    (the dump itself, the idle moments) drops out, and warm-up lands in no batch."""
+async def test_batches_count_per_request_work_apart_from_the_clocks(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """On a real server: (N2 batch - N1 batch) / (N2 - N1) is one request; what runs on a clock
+    (here 200,000 a second) inflates `counted` and `unclocked` takes it out again."""
     served = 0
 
     async def hello(request: web.Request) -> web.Response:
@@ -181,16 +185,22 @@ async def test_batches_cancel_what_each_dump_adds_on_its_own(aiohttp_server: Aio
     app = web.Application()
     app.router.add_get("/healthz", hello)
     server = await aiohttp_server(app)
-    last = 0
+    last, last_at = 0, time.monotonic()
 
     async def dump() -> int:
-        nonlocal last
+        nonlocal last, last_at
+        now = time.monotonic()
         since, last = served - last, served
-        return 1_000 * since + 77_777  # 1,000 "instructions" a request, plus a fixed cost
+        clock, last_at = 200_000 * (now - last_at), now
+        return round(1_000 * since + clock)  # 1,000 "instructions" a request, plus the clock
 
     url = f"http://127.0.0.1:{server.port}"
-    figures = await per_request_counts(url, {"/healthz": (30, 130)}, 4, dump)
-    assert figures == {"/healthz": 1_000.0}
+    clock_per_s, figures = await per_request_counts(
+        url, {"/healthz": (30, 130)}, 4, dump, idle_s=0.2
+    )
+    assert clock_per_s == pytest.approx(200_000, rel=0.01)
+    assert figures["/healthz"].counted > 1_000
+    assert figures["/healthz"].unclocked == pytest.approx(1_000, rel=0.02)
     assert served == 30 + 30 + 130  # warm-up: N1 requests
 
 

@@ -4,17 +4,21 @@ A shared VM's rps swings 10-30% between rounds; the instructions a server execut
 do not. The server runs under callgrind; after warm-up, each path gets a batch of N1 and a batch of
 N2 keep-alive requests, and after each batch callgrind is asked for a dump (the instructions since
 the one before): (batch N2 - batch N1) / (N2 - N1) is one request, the dumps and the idle moments
-between batches cancelled out. Used by scripts/instructions.py (loop-lab vs bare aiohttp) and
-`loop-lab matrix` (each interpreter x loop).
+between batches cancelled out; the server's clock-driven work is counted apart (`PerRequest`).
+Used by scripts/instructions.py (loop-lab vs bare aiohttp) and `loop-lab matrix` (each
+interpreter x loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
+IDLE_S = 5.0  # seconds of no requests, to see what the server does on a clock
 
 _SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
 
@@ -69,22 +73,48 @@ async def send_requests(url: str, path: str, requests: int, connections: int) ->
     )
 
 
+@dataclass(frozen=True)
+class PerRequest:
+    """One path's instructions per request, as counted and without the clock's share.
+
+    Work done on a timer or by a thread (the lag sampler, the watchdog) counts in proportion to
+    wall time, which valgrind stretches ~50x (more on a loaded machine): `unclocked` takes out the
+    server's idle rate x each batch's wall time, leaving what the requests themselves cost.
+    """
+
+    counted: float
+    unclocked: float
+
+
 async def per_request_counts(
     url: str,
     batches: dict[str, tuple[int, int]],
     connections: int,
     dump: Callable[[], Awaitable[int]],
-) -> dict[str, float]:
-    """Instructions per request of each path, given a `dump()` that returns the count since the
-    last one. Warms every path up first (up to N1 requests), so first-use work lands in no batch."""
+    idle_s: float = IDLE_S,
+) -> tuple[float, dict[str, PerRequest]]:
+    """The server's instructions per idle second, and each path's instructions per request.
+
+    `dump()` returns the count since the last one. Every path is warmed up first (up to N1
+    requests), so first-use work lands in no batch; then `idle_s` seconds without requests show
+    what the server does on a clock.
+    """
     for path, (small, _) in batches.items():
         await send_requests(url, path, min(WARMUP, small), connections)
     await dump()
+    started = time.monotonic()
+    await asyncio.sleep(idle_s)
+    clock_per_s = await dump() / (time.monotonic() - started)
     figures = {}
     for path, (small, large) in batches.items():
-        counts = []
+        counts, clocked = [], []
         for requests in (small, large):
+            started = time.monotonic()
             await send_requests(url, path, requests, connections)
             counts.append(await dump())
-        figures[path] = per_request(counts[0], counts[1], small, large)
-    return figures
+            clocked.append(round(clock_per_s * (time.monotonic() - started)))
+        figures[path] = PerRequest(
+            counted=per_request(counts[0], counts[1], small, large),
+            unclocked=per_request(counts[0] - clocked[0], counts[1] - clocked[1], small, large),
+        )
+    return clock_per_s, figures

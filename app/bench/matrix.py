@@ -222,8 +222,9 @@ def valgrind_image(image: str, log: Log) -> str:
     return name
 
 
-def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> dict[str, float]:
-    """Instructions per request of each saturated path, the server under callgrind.
+def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> tuple[dict[str, int], int]:
+    """Instructions per request of each saturated path, the server under callgrind, without the
+    clock's share (app.bench.instructions.PerRequest); and the idle server's per second.
 
     `--gc default`, as scripts/instructions.py runs it: `--gc tuned` works on a clock, which
     counts ~50x under valgrind. The monitor's 20 ms lag sampler still ticks, alike in every cell.
@@ -252,12 +253,12 @@ def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> dict[st
             return dump_count(await asyncio.to_thread(_docker, *grep))
 
         try:
-            figures = asyncio.run(
+            clock_per_s, figures = asyncio.run(
                 per_request_counts(url, INSTRUCTION_BATCHES, config.connections, dump)
             )
         except MeterError as exc:
             raise MatrixError(f"callgrind in {image} ({loop}): {exc}") from exc
-    return {path: round(n) for path, n in figures.items()}
+    return {path: round(n.unclocked) for path, n in figures.items()}, round(clock_per_s)
 
 
 _VERSIONS = (
@@ -412,7 +413,8 @@ def run_matrix(config: MatrixConfig, log: Log = print) -> dict[str, Any]:
             measured = valgrind_image(image, log)
             for loop in LOOP_NAMES:
                 log(f"matrix: Python {full} {loop}: instructions per request under callgrind")
-                cells[(python, loop)]["instructions"] = instructions_in(measured, loop, config)
+                counts, idle = instructions_in(measured, loop, config)
+                cells[(python, loop)] |= {"instructions": counts, "idle_instructions_per_s": idle}
         write_json(config.out / "matrix.json", _data(config, list(cells.values()), ratio))
     data = _data(config, list(cells.values()), ratio)
     write_json(config.out / "matrix.json", data)

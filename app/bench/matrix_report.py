@@ -196,17 +196,20 @@ def _instruction_lines(data: dict[str, Any]) -> list[str]:
     if not cells:
         return []
     paths = list(cells[0]["instructions"])
-    counts = ((f"`{p}`", [f"{c['instructions'][p]:,}" for c in cells]) for p in paths)
+    counts = [(f"`{p}`", [f"{c['instructions'][p]:,}" for c in cells]) for p in paths]
+    idle = ("idle server, per second", [f"{c.get('idle_instructions_per_s', 0):,}" for c in cells])
     ratios = data.get("instruction_ratio", {}).items()
     return [
         "",
         "## Instructions per request (callgrind)",
         "",
-        "The server under valgrind's callgrind, one run per cell: the count does not move with "
-        "other load on the machine, so it is the verdict on what a request costs each "
-        "interpreter and loop; the requests/s above stand beside it.",
+        "The server under valgrind's callgrind, one run per cell, per request without what "
+        "ran on a clock meanwhile (the idle rate x each batch's wall time, which valgrind "
+        "stretches ~50x; the idle rate is its own row). The count does not move with other load "
+        "on the machine, so it is the verdict on what a request costs each interpreter and "
+        "loop; the requests/s above stand beside it.",
         "",
-        *_table("path", [_column(c) for c in cells], "---:", counts),
+        *_table("path", [_column(c) for c in cells], "---:", [*counts, idle]),
         "",
         "uvloop / asyncio instructions per request (below 1: uvloop does less work).",
         "",
