@@ -212,15 +212,23 @@ def compare_report(data: dict[str, Any], command: Sequence[str]) -> str:
             "",
             "## Sweep",
             "",
-            "| users | loop | rps | p99 ms | loop lag p99 ms | KB per connection | CPU warning |",
-            "|---:|---|---:|---:|---:|---:|---|",
+            "| users | loop | workers | rps | p99 ms | loop lag p99 ms (per worker) "
+            "| lag max ms (per worker) | KB per connection | accepted | locust CPU % "
+            "| CPU warning |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for point in data["sweep"]:
             res = point["result"]
+            server = res["server"]
+            per_worker = server.get("workers") or [server]
             lines.append(
-                f"| {point['users']:,} | {point['loop']} | {res['rps']:,.1f} "
-                f"| {_ms(res['latency_ms']['p99'])} | {_ms(res['server']['lag_ms']['p99'])} "
-                f"| {_num(res['server']['rss_kb_per_connection'], '.1f')} "
+                f"| {point['users']:,} | {point['loop']} | {len(per_worker)} "
+                f"| {res['rps']:,.1f} | {_ms(res['latency_ms']['p99'])} "
+                f"| {' / '.join(_ms(w['lag_ms']['p99']) for w in per_worker)} "
+                f"| {' / '.join(_ms(w['lag_ms']['max']) for w in per_worker)} "
+                f"| {_num(server['rss_kb_per_connection'], '.1f')} "
+                f"| {server['accepted_connections']:,} "
+                f"| {_num(res['load_generator'].get('cpu_percent_per_process'), '.0f')} "
                 f"| {'yes' if res['load_generator']['cpu_warning'] else 'no'} |"
             )
     lines += ["", "Plots: `compare.png`" + (", `sweep.png`" if data.get("sweep") else ""), ""]

@@ -21,7 +21,7 @@ from typing import IO
 
 from app.launch import ProcessError, ServerProcess, free_port
 from app.loops import LoopName
-from app.monitor.process import cpu_seconds
+from app.monitor.process import cpu_seconds, rss_bytes
 
 SERVE_BACKLOG = 4096
 # lines locust logs when a process ran above its CPU threshold (master, workers, or at the end)
@@ -65,10 +65,24 @@ async def _copy_lines(stream: asyncio.StreamReader, sink: IO[bytes]) -> None:
 
 
 def lab_server(
-    loop: LoopName, log_path: Path, *, max_delay: float = 60.0, thread_workers: int = 8
+    loop: LoopName,
+    log_path: Path,
+    *,
+    max_delay: float = 60.0,
+    thread_workers: int = 8,
+    workers: int = 1,
+    max_connections: int = 0,
 ) -> ServerProcess:
-    """`python -m app serve` on a port of its own choosing, with the chosen loop."""
+    """`python -m app serve` on a port of its own choosing, with the chosen loop.
+
+    `workers` > 1: that many processes share the port (SO_REUSEPORT); `max_connections` is each
+    one's limit (0: the server derives it from its fd limit).
+    """
     return ServerProcess(
+        "--workers",
+        str(workers),
+        "--max-connections",
+        str(max_connections),
         "--loop",
         loop,
         "--backlog",
@@ -144,6 +158,8 @@ class LocustOutcome:
     cpu_warning_lines: tuple[str, ...]
     wall_s: float
     cpu_s: float  # user + system CPU of every locust process (master and forked workers)
+    rss_mb_peak: float = 0.0  # the sum of each locust process's highest sampled RSS
+    pids: int = 1  # locust processes seen (master and workers)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -163,21 +179,32 @@ def process_tree(pid: int) -> list[int]:
 
 
 class TreeCpu:
-    """CPU time of a process and its children, summed from samples (a child's last one counts)."""
+    """CPU time and RSS of a process and its children, from samples (a child's last one counts)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._seen: dict[int, float] = {}
+        self._rss: dict[int, int] = {}
 
     def sample(self) -> None:
         for pid in process_tree(self.pid):
             cpu = cpu_seconds(pid)
             if cpu is not None:
                 self._seen[pid] = max(cpu, self._seen.get(pid, 0.0))
+            with contextlib.suppress(OSError):
+                self._rss[pid] = max(rss_bytes(pid), self._rss.get(pid, 0))
 
     @property
     def total_s(self) -> float:
         return sum(self._seen.values())
+
+    @property
+    def rss_mb_peak(self) -> float:
+        return sum(self._rss.values()) / 2**20
+
+    @property
+    def pids(self) -> int:
+        return len(self._seen)
 
     async def follow(self, interval: float = 1.0) -> None:
         while True:
@@ -235,4 +262,6 @@ async def run_locust(
             await copier
     warnings = cpu_warnings(_read_log(log_path))
     wall = time.monotonic() - started
-    return LocustOutcome(code, bool(warnings), warnings, wall, cpu.total_s)
+    return LocustOutcome(
+        code, bool(warnings), warnings, wall, cpu.total_s, cpu.rss_mb_peak, cpu.pids
+    )
