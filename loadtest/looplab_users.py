@@ -40,6 +40,7 @@ SOURCES_ENV = "LOOP_LAB_LOCUST_SOURCES"  # comma-separated 127.0.0.x addresses t
 SAMPLES_ENV = "LOOP_LAB_SAMPLES_DIR"  # where each process logs every request (the bench reads it)
 
 PROBE_NAME = "/healthz (probe)"
+NETWORK_TIMEOUT_S = 60.0  # FastHttpUser's default; longer delays get twice theirs + 30 s
 PHASE_MESSAGE = "looplab_phase"
 
 # user classes a phased scenario has switched on; None = not phased, every user always active
@@ -242,6 +243,8 @@ def _announce(environment: Any, **_: Any) -> None:
         )
         for user_class in paced:
             user_class.fixed_count = options.blockers
+        # FastHttpUser's read timeout is 60 s: a 60 s /await would fail as it completes
+        LoopLabUser.network_timeout = max(NETWORK_TIMEOUT_S, 2 * options.delay + 30)
     log.info(
         "loop-lab users: keep-alive liveness check=%s, fd floor=%s, sources=%s",
         LIVENESS_CHECK,

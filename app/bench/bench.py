@@ -55,6 +55,7 @@ class BenchConfig:
     max_failures: int | None = None
     processes: int | None = None  # locust processes; None: by user count and fd limit
     workers: int = 1  # server processes sharing one port (SO_REUSEPORT)
+    sources: int = 0  # loopback source addresses users connect from; 0: as the ports need
     progress: bool = True
     command: tuple[str, ...] = ()
     sample_interval_s: float = 1.0
@@ -72,6 +73,7 @@ class BenchConfig:
             processes=self.processes,
             auto_processes=auto_processes(self.users),
             local_target=self.target is None or _is_loopback_url(self.target),
+            sources=self.sources,
         )
 
     def scenario_args(self) -> list[str]:
@@ -110,7 +112,7 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
     raise_nofile_limit()
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was
-    time_wait_before = Machine.read().time_wait
+    before = Machine.read()
     server: ServerProcess | None = None
     title = f"{config.scenario} · {config.users:,} users"
     workers = config.workers
@@ -168,7 +170,7 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
             if server is not None:
                 await server.stop()
         progress.status("writing results")
-    time_wait_after = Machine.read().time_wait
+    after = Machine.read()
     log = RequestLog.read(samples_dir)
     if not len(log):
         raise BenchError(f"locust recorded no requests; see {config.out / 'locust.log'}")
@@ -194,8 +196,10 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
         "source": source_version(),
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "time_wait_before": time_wait_before,
-        "time_wait_after": time_wait_after,
+        # the machine's counters around the run (other engineers' traffic included)
+        "time_wait_before": before.time_wait,
+        "time_wait_after": after.time_wait,
+        "listen_drops": after.listen_drops - before.listen_drops,
         "preflight": plan.as_dict(),
         "command": list(config.command),
         "locust_command": command.argv(0 if processes > 1 else None),

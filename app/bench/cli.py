@@ -108,6 +108,13 @@ def _add_load_options(parser: argparse.ArgumentParser, *, users: int, duration: 
         "/stats (default 1; with --target: how many the running server has)",
     )
     parser.add_argument(
+        "--sources",
+        type=_int(0, 250),
+        default=0,
+        help="loopback addresses (127.0.0.1, .2, ...) the users connect from, each with its own "
+        "ephemeral ports (default 0: as many as the users need)",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no live progress display on stderr"
     )
 
@@ -129,6 +136,7 @@ def _bench_config(args: argparse.Namespace, out: Path, loop: LoopName) -> BenchC
         max_failures=getattr(args, "max_failures", None),
         processes=args.processes,
         workers=args.workers,
+        sources=args.sources,
         progress=not args.no_progress,
         command=tuple(["loop-lab", *sys.argv[1:]]),
     )

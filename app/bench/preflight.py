@@ -50,6 +50,7 @@ class Machine:
     mem_available_mb: float
     cpus: int
     time_wait: int
+    listen_drops: int = 0  # TcpExt ListenDrops since boot: SYNs dropped on a full backlog
 
     @property
     def ports(self) -> int:
@@ -67,6 +68,7 @@ class Machine:
             mem_available_mb=_mem_available_mb(),
             cpus=os.cpu_count() or 1,
             time_wait=_time_wait(),
+            listen_drops=_tcp_ext("ListenDrops"),
         )
 
 
@@ -108,6 +110,20 @@ def _time_wait() -> int:
                     return int(parts[parts.index("tw") + 1])
     except (OSError, ValueError, IndexError):
         pass
+    return 0
+
+
+def _tcp_ext(name: str) -> int:
+    """A TcpExt counter of /proc/net/netstat (a header line of names, then one of values)."""
+    try:
+        with open("/proc/net/netstat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if header.startswith("TcpExt:"):
+            table = dict(zip(header.split()[1:], values.split()[1:], strict=False))
+            return int(table.get(name, 0))
     return 0
 
 
@@ -175,13 +191,15 @@ def plan_run(
     processes: int | None = None,
     auto_processes: int = 1,
     local_target: bool = True,
+    sources: int = 0,
     machine: Machine | None = None,
 ) -> Plan:
     """The layout for `users` over `workers` server processes, or PreflightError naming the limit.
 
     `auto_processes` is the locust process count the CPU alone would ask for; the plan raises it
     until every process stays below its fd limit. `local_target`: the server is on loopback (the
-    users can then connect from several 127.0.0.x addresses).
+    users can then connect from several 127.0.0.x addresses). `sources`: at least this many
+    source addresses (0: as many as the ephemeral ports need).
     """
     m = machine or Machine.read()
     nofile = m.nofile_hard
@@ -214,7 +232,7 @@ def plan_run(
             f"{_n(per_locust)} sockets (fd limit {_n(nofile)})"
         )
     per_source = users_per_source(m.ports)
-    n_sources = math.ceil(users / per_source)
+    n_sources = max(math.ceil(users / per_source), sources if local_target else 1)
     if n_sources > 1 and not local_target:
         raise PreflightError(
             f"{_n(users)} users to one address and port need {_n(users)} ephemeral ports, but "
@@ -227,10 +245,10 @@ def plan_run(
             f"{_n(users)} users need {n_sources} loopback source addresses of {_n(m.ports)} "
             f"ephemeral ports each; the bench uses at most {MAX_SOURCES}: ask for fewer users"
         )
-    sources = tuple(str(FIRST_SOURCE + i) for i in range(n_sources)) if n_sources > 1 else ()
+    addresses = tuple(str(FIRST_SOURCE + i) for i in range(n_sources)) if n_sources > 1 else ()
     if n_sources > 1:
         notes.append(
-            f"users connect from {n_sources} loopback addresses ({sources[0]}-{sources[-1]}): "
+            f"users connect from {n_sources} loopback addresses ({addresses[0]}-{addresses[-1]}): "
             f"{_n(m.ports)} ephemeral ports per source/destination pair"
         )
     server_mb = users * SERVER_KB_PER_CONNECTION / 1024 + workers * PROCESS_BASE_MB
@@ -255,7 +273,7 @@ def plan_run(
         workers=workers,
         locust_processes=locust_processes,
         max_connections=max_connections,
-        sources=sources,
+        sources=addresses,
         memory_mb=memory_mb,
         notes=tuple(notes),
     )
