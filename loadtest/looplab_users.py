@@ -30,6 +30,7 @@ from gevent import monkey
 from geventhttpclient import connectionpool
 from locust import FastHttpUser, LoadTestShape, User, constant, constant_pacing, task
 from locust import events as _locust_events
+from locust import runners as _locust_runners
 
 log = logging.getLogger("loop_lab.loadtest")
 events: Any = _locust_events  # locust's EventHook methods are untyped
@@ -83,6 +84,13 @@ def install_liveness_check(mode: str | None = None) -> str:
 
 
 LIVENESS_CHECK = install_liveness_check()
+
+# A locust worker that misses 3 one-second heartbeats is "missing", and when every worker is, the
+# master stops the test and starts it again (users respawned, connections reopened). A worker busy
+# creating thousands of users on a shared 2-core machine can be late by more than 3 s without
+# being gone: give it 30 s. (The master reads this module constant at each heartbeat.)
+HEARTBEAT_LIVENESS = 30
+_locust_runners.HEARTBEAT_LIVENESS = HEARTBEAT_LIVENESS
 
 # descriptors held open so that sockets opened later get high numbers (see FD_FLOOR_ENV)
 _parked_fds: list[int] = []
