@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.launch import ProcessError, ServerProcess, free_port
+from app.launch import ProcessError, ServerProcess, eventually, free_port
 from app.loops import LoopName
 from app.monitor.process import cpu_seconds, rss_bytes
 
@@ -55,6 +55,32 @@ async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode
+
+
+async def _terminate_tree(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Stop locust and the worker processes it forked (they outlive a master that is gone)."""
+    children = [pid for pid in process_tree(proc.pid) if pid != proc.pid]
+    await _terminate(proc, grace)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await eventually(
+            lambda: not any(_alive(pid) for pid in children), within=grace, interval=0.1
+        )
+    for pid in children:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Still running (not gone, not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 async def _copy_lines(stream: asyncio.StreamReader, sink: IO[bytes]) -> None:
@@ -250,10 +276,10 @@ async def run_locust(
         try:
             code = await asyncio.wait_for(proc.wait(), limit_s)
         except TimeoutError:
-            await _terminate(proc, grace=10.0)
+            await _terminate_tree(proc, grace=10.0)
             raise ProcessError(f"locust ran past {limit_s:.0f} s; see {log_path}") from None
         except BaseException:  # cancelled (Ctrl-C): do not leave locust running
-            await _terminate(proc, grace=10.0)
+            await _terminate_tree(proc, grace=10.0)
             raise
         finally:
             follower.cancel()
