@@ -20,11 +20,13 @@ from typing import Any
 from app.guard import fd_reserve
 
 # Measured figures this plan rests on (docs/benchmarks.md says where each was measured):
-# server RSS per connection under `loop-lab bench` ("Scaling with concurrency": 12.4-13.4 KB)
+# server RSS per connection under `loop-lab bench`: 12.4-13.4 KB ("Scaling with concurrency"),
+# 11.2-11.8 KB at 19,000 ("To the limits"); the highest, rounded up
 SERVER_KB_PER_CONNECTION = 13.5
-# locust (FastHttpUser) RSS per user, master + workers ("To the limits": 19,000 and 100,000 users)
-LOCUST_KB_PER_USER = 40.0
-PROCESS_BASE_MB = 80.0  # one idle server worker or locust process, RSS ("To the limits")
+# locust (FastHttpUser) RSS per user, master + workers, bases included: 32.5-32.7 KB at 19,000
+# users in 2 processes ("To the limits"); rounded up
+LOCUST_KB_PER_USER = 33.0
+PROCESS_BASE_MB = 60.0  # one idle server worker (57.7 MB) or locust process ("To the limits")
 SERVER_FDS_AT_START = 64  # listening socket, pools, pipes, logs: the fds a server holds idle
 LOCUST_FDS_AT_START = 128  # locust's own files, zmq sockets to the master, pipes
 LOCUST_FD_SHARE = 0.9  # users per locust process stay below this share of its fd limit
