@@ -96,3 +96,17 @@ def test_the_cli_refuses_before_starting_anything(tmp_path: Path) -> None:
     assert "RLIMIT_NOFILE" in proc.stderr
     assert "--workers" in proc.stderr
     assert not out.exists()
+
+
+def test_a_sweep_level_runs_on_the_fewest_workers_that_hold_it(tmp_path: Path) -> None:
+    """compare --sweep: small levels keep --workers, a level past one process's fds gets more."""
+    from app.bench.bench import BenchConfig
+    from app.bench.compare import CompareConfig
+
+    config = CompareConfig(
+        base=BenchConfig(scenario="multiplex", out=tmp_path), sweep=(1000, 100_000)
+    )
+    assert config.level_config(1000).workers == 1
+    big = config.level_config(100_000)
+    assert big.workers == fewest_workers(100_000) > 1
+    assert big.users == 100_000
