@@ -110,3 +110,11 @@ def test_a_sweep_level_runs_on_the_fewest_workers_that_hold_it(tmp_path: Path) -
     big = config.level_config(100_000)
     assert big.workers == fewest_workers(100_000) > 1
     assert big.users == 100_000
+
+
+def test_a_rate_beyond_the_cores_is_named_before_the_run() -> None:
+    """users/delay past what the cores drive gets a note naming the rate and the cores."""
+    busy = plan_run(19_000, rate=1_900.0, machine=HERE)
+    assert any("1,900 requests/s" in note and "cores" in note for note in busy.notes)
+    calm = plan_run(19_000, rate=19_000 / 60, machine=HERE)
+    assert not any("requests/s" in note for note in calm.notes)

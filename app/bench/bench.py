@@ -79,6 +79,7 @@ class BenchConfig:
             auto_processes=auto_processes(self.users),
             local_target=self.target is None or _is_loopback_url(self.target),
             sources=self.sources,
+            rate=self.users / self.delay_s if self.scenario != "cpu" and self.delay_s else None,
         )
 
     def scenario_args(self) -> list[str]:

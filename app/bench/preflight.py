@@ -26,6 +26,10 @@ SERVER_KB_PER_CONNECTION = 13.5
 # locust (FastHttpUser) RSS per user, master + workers, bases included: 32.5-32.7 KB at 19,000
 # users in 2 processes ("To the limits"); rounded up
 LOCUST_KB_PER_USER = 33.0
+# CPU per request at 19,000 users and 10 s delay ("To the limits", the run with 4 locust
+# processes): server 0.42 ms, locust 1.3 ms (4 processes at 29% of a core for 122,515 requests)
+SERVER_CPU_MS_PER_REQUEST = 0.42
+LOCUST_CPU_MS_PER_REQUEST = 1.3
 PROCESS_BASE_MB = 60.0  # one idle server worker (57.7 MB) or locust process ("To the limits")
 SERVER_FDS_AT_START = 64  # listening socket, pools, pipes, logs: the fds a server holds idle
 LOCUST_FDS_AT_START = 128  # locust's own files, zmq sockets to the master, pipes
@@ -194,6 +198,7 @@ def plan_run(
     auto_processes: int = 1,
     local_target: bool = True,
     sources: int = 0,
+    rate: float | None = None,
     machine: Machine | None = None,
 ) -> Plan:
     """The layout for `users` over `workers` server processes, or PreflightError naming the limit.
@@ -201,7 +206,8 @@ def plan_run(
     `auto_processes` is the locust process count the CPU alone would ask for; the plan raises it
     until every process stays below its fd limit. `local_target`: the server is on loopback (the
     users can then connect from several 127.0.0.x addresses). `sources`: at least this many
-    source addresses (0: as many as the ephemeral ports need).
+    source addresses (0: as many as the ephemeral ports need). `rate`: the requests/s the
+    scenario asks for (users / delay), for a note when it needs more CPU than the machine has.
     """
     m = machine or Machine.read()
     nofile = m.nofile_hard
@@ -263,6 +269,15 @@ def plan_run(
             f"{LOCUST_KB_PER_USER:g} KB per user, as measured in docs/benchmarks.md), but only "
             f"{_n(m.mem_available_mb)} MB is available: ask for fewer users or free memory"
         )
+    if rate:
+        cores = rate * (SERVER_CPU_MS_PER_REQUEST + LOCUST_CPU_MS_PER_REQUEST) / 1000.0
+        if cores > 0.5 * m.cpus:
+            notes.append(
+                f"{_n(rate)} requests/s need about {cores:.1f} cores (server "
+                f"{SERVER_CPU_MS_PER_REQUEST:g} ms + locust {LOCUST_CPU_MS_PER_REQUEST:g} ms per "
+                f"request, as measured in docs/benchmarks.md) of the {m.cpus} here: the loop lag "
+                "will be the machine's; a longer --delay lowers the rate"
+            )
     if m.somaxconn is not None and m.somaxconn < 4096:
         notes.append(
             f"net.core.somaxconn is {m.somaxconn}: the listen backlog is capped there, a fast "
