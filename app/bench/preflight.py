@@ -23,9 +23,9 @@ from app.guard import fd_reserve
 # server RSS per connection under `loop-lab bench`: 12.4-13.4 KB ("Scaling with concurrency"),
 # 11.2-11.8 KB at 19,000 ("To the limits"); the highest, rounded up
 SERVER_KB_PER_CONNECTION = 13.5
-# locust (FastHttpUser) RSS per user, master + workers, bases included: 32.5-32.7 KB at 19,000
-# users in 2 processes ("To the limits"); rounded up
-LOCUST_KB_PER_USER = 33.0
+# locust (FastHttpUser) RSS per user, master + workers, bases included: 32.5-33.2 KB at 19,000
+# users in 2 processes, 39.2 KB in 4 ("To the limits"); the highest, rounded up
+LOCUST_KB_PER_USER = 40.0
 # CPU per request at 19,000 users and 10 s delay ("To the limits", the run with 4 locust
 # processes): server 0.42 ms, locust 1.3 ms (4 processes at 29% of a core for 122,515 requests)
 SERVER_CPU_MS_PER_REQUEST = 0.42
