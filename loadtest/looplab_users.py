@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import select
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +30,18 @@ from gevent import monkey
 from geventhttpclient import connectionpool
 from locust import FastHttpUser, LoadTestShape, User, constant, constant_pacing, task
 from locust import events as _locust_events
+from locust import runners as _locust_runners
 
 log = logging.getLogger("loop_lab.loadtest")
 events: Any = _locust_events  # locust's EventHook methods are untyped
 
 LIVENESS_ENV = "LOOP_LAB_LOCUST_LIVENESS"  # "poll" (default) or "select" (upstream: the trap)
 FD_FLOOR_ENV = "LOOP_LAB_LOCUST_FD_FLOOR"  # park descriptors so every socket gets fd >= this
+SOURCES_ENV = "LOOP_LAB_LOCUST_SOURCES"  # comma-separated 127.0.0.x addresses to connect from
 SAMPLES_ENV = "LOOP_LAB_SAMPLES_DIR"  # where each process logs every request (the bench reads it)
 
 PROBE_NAME = "/healthz (probe)"
+NETWORK_TIMEOUT_S = 60.0  # FastHttpUser's default; longer delays get twice theirs + 30 s
 PHASE_MESSAGE = "looplab_phase"
 
 # user classes a phased scenario has switched on; None = not phased, every user always active
@@ -81,6 +85,13 @@ def install_liveness_check(mode: str | None = None) -> str:
 
 LIVENESS_CHECK = install_liveness_check()
 
+# A locust worker that misses 3 one-second heartbeats is "missing", and when every worker is, the
+# master stops the test and starts it again (users respawned, connections reopened). A worker busy
+# creating thousands of users on a shared 2-core machine can be late by more than 3 s without
+# being gone: give it 30 s. (The master reads this module constant at each heartbeat.)
+HEARTBEAT_LIVENESS = 30
+_locust_runners.HEARTBEAT_LIVENESS = HEARTBEAT_LIVENESS
+
 # descriptors held open so that sockets opened later get high numbers (see FD_FLOOR_ENV)
 _parked_fds: list[int] = []
 
@@ -97,6 +108,51 @@ def park_low_fds(floor: int) -> int:
             return fd
         _parked_fds.append(fd)
 
+
+# Linux: bind() picks only the address; the port is chosen at connect() per 4-tuple
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class SourceSpread:
+    """Binds each new client socket to the next of several loopback source addresses.
+
+    One source/destination pair has only the ephemeral port range (28,232 ports by default);
+    spreading 100,000 users over a few 127.0.0.x sources gives each its own range, with nothing
+    on the machine changed (no sysctl). IP_BIND_ADDRESS_NO_PORT leaves the port to connect(),
+    which may reuse a port another source/destination pair already holds.
+    """
+
+    def __init__(self, sources: Sequence[str]) -> None:
+        self.sources = tuple(sources)
+        self._next = 0
+
+    def bind(self, sock: Any) -> None:
+        address = self.sources[self._next % len(self.sources)]
+        self._next += 1
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((address, 0))
+
+
+_upstream_create_tcp_socket = connectionpool.ConnectionPool._create_tcp_socket
+
+
+def install_source_spread(sources: Sequence[str]) -> SourceSpread:
+    spread = SourceSpread(sources)
+
+    def create_tcp_socket(
+        pool: connectionpool.ConnectionPool, family: int, socktype: int, protocol: int
+    ) -> Any:
+        sock = _upstream_create_tcp_socket(pool, family, socktype, protocol)
+        if family == socket.AF_INET:
+            spread.bind(sock)
+        return sock
+
+    connectionpool.ConnectionPool._create_tcp_socket = create_tcp_socket  # type: ignore[method-assign,assignment]
+    return spread
+
+
+if os.environ.get(SOURCES_ENV):
+    install_source_spread([a for a in os.environ[SOURCES_ENV].split(",") if a])
 
 if os.environ.get(FD_FLOOR_ENV):
     park_low_fds(int(os.environ[FD_FLOOR_ENV]))
@@ -195,10 +251,13 @@ def _announce(environment: Any, **_: Any) -> None:
         )
         for user_class in paced:
             user_class.fixed_count = options.blockers
+        # FastHttpUser's read timeout is 60 s: a 60 s /await would fail as it completes
+        LoopLabUser.network_timeout = max(NETWORK_TIMEOUT_S, 2 * options.delay + 30)
     log.info(
-        "loop-lab users: keep-alive liveness check=%s, fd floor=%s",
+        "loop-lab users: keep-alive liveness check=%s, fd floor=%s, sources=%s",
         LIVENESS_CHECK,
         os.environ.get(FD_FLOOR_ENV, "none"),
+        os.environ.get(SOURCES_ENV, "default"),
     )
 
 

@@ -290,3 +290,47 @@ def test_locust_processes_scale_with_users() -> None:
     """Small runs use one locust process; 10,000 users get at least two."""
     assert auto_processes(300) == 1
     assert auto_processes(10_000) >= 2
+
+
+@pytest.mark.slow
+def test_workers_each_report_their_own_stats_and_the_server_block_sums_them(
+    tmp_path: Path,
+) -> None:
+    """300 users over 2 workers: each worker's /stats read; counts summed, worst lag kept."""
+    users = 300
+    result = bench_result(
+        tmp_path,
+        "multiplex",
+        "--users",
+        str(users),
+        "--workers",
+        "2",
+        "--sources",
+        "2",
+        "--duration",
+        "8",
+        "--delay",
+        "1",
+    )
+    server = result["server"]
+    workers = server["workers"]
+    assert len(workers) == 2
+    assert len({w["pid"] for w in workers}) == 2
+    assert server["pid"] == [w["pid"] for w in workers]
+    assert all(w["accepted_connections"] > 0 for w in workers)  # the kernel used both
+    assert server["accepted_connections"] == sum(w["accepted_connections"] for w in workers)
+    assert users <= server["accepted_connections"] <= users + 2
+    assert server["peak_open_connections"] == sum(w["peak_open_connections"] for w in workers)
+    assert server["peak_open_connections"] >= users
+    assert server["requests"] == sum(w["requests"] for w in workers)
+    assert server["lag_ms"]["p99"] == max(w["lag_ms"]["p99"] for w in workers)
+    assert server["rss_kb_per_connection"] == max(w["rss_kb_per_connection"] for w in workers)
+    assert result["failures"] == 0
+    assert result["load_generator"]["sources"] == ["127.0.0.1", "127.0.0.2"]
+    assert result["load_generator"]["rss_kb_per_user"] > 0
+    assert result["params"]["preflight"]["machine_changes"] == []
+    stats_pids = {
+        json.loads(line)["pid"]
+        for line in (tmp_path / "server_stats.jsonl").read_text().splitlines()
+    }
+    assert stats_pids == {w["pid"] for w in workers}

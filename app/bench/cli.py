@@ -18,7 +18,7 @@ from app.loops import LOOP_NAMES, LoopName
 if TYPE_CHECKING:
     from app.bench.bench import BenchConfig
 
-MAX_USERS = 50_000
+MAX_USERS = 10_000_000  # the preflight refuses what this machine cannot hold
 MAX_DURATION_S = 3600
 
 
@@ -102,6 +102,20 @@ def _add_load_options(parser: argparse.ArgumentParser, *, users: int, duration: 
         help="locust processes (default: 1 up to 2,000 users, then one per 5,000, up to the cores)",
     )
     parser.add_argument(
+        "--workers",
+        type=_int(1, 64),
+        default=1,
+        help="server processes sharing the port with SO_REUSEPORT; the bench reads each one's "
+        "/stats (default 1; with --target: how many the running server has)",
+    )
+    parser.add_argument(
+        "--sources",
+        type=_int(0, 250),
+        default=0,
+        help="loopback addresses (127.0.0.1, .2, ...) the users connect from, each with its own "
+        "ephemeral ports (default 0: as many as the users need)",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no live progress display on stderr"
     )
 
@@ -122,6 +136,8 @@ def _bench_config(args: argparse.Namespace, out: Path, loop: LoopName) -> BenchC
         target=getattr(args, "target", None),
         max_failures=getattr(args, "max_failures", None),
         processes=args.processes,
+        workers=args.workers,
+        sources=args.sources,
         progress=not args.no_progress,
         command=tuple(["loop-lab", *sys.argv[1:]]),
     )
@@ -129,11 +145,19 @@ def _bench_config(args: argparse.Namespace, out: Path, loop: LoopName) -> BenchC
 
 def _bench(args: argparse.Namespace) -> int:
     from app.bench.bench import BenchError, run_bench, summary_line
+    from app.bench.preflight import PreflightError
     from app.launch import ProcessError
 
     loop = cast(LoopName, args.loop)
     out = args.out or Path("results") / f"bench-{args.scenario}-{loop}-{args.users}"
     config = _bench_config(args, Path(out), loop)
+    try:
+        plan = config.plan()
+    except PreflightError as exc:
+        print(f"loop-lab bench: refused before starting: {exc}", file=sys.stderr)
+        return 2
+    for note in plan.notes:
+        print(f"preflight: {note}", file=sys.stderr)
     try:
         outcome = asyncio.run(run_bench(config))
     except (ScenarioError, ProcessError, BenchError) as exc:
@@ -152,6 +176,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from app.bench.bench import BenchError
     from app.bench.compare import CompareConfig, run_compare
+    from app.bench.preflight import PreflightError
     from app.launch import ProcessError
 
     if (args.asyncio_url is None) != (args.uvloop_url is None):
@@ -166,6 +191,11 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("results") / f"compare-{args.scenario}")
     base = _bench_config(args, out, "asyncio")
     config = CompareConfig(base=base, rounds=args.rounds, urls=urls, sweep=args.sweep or ())
+    try:
+        config.preflight()
+    except PreflightError as exc:
+        print(f"loop-lab compare: refused before starting: {exc}", file=sys.stderr)
+        return 2
     try:
         outcome = asyncio.run(
             run_compare(config, ["loop-lab", *sys.argv[1:]], lambda s: print(s, flush=True))
@@ -276,7 +306,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     compare.add_argument(
         "--sweep",
         type=_levels,
-        help="user counts, e.g. 100,1000,5000,10000: rounds at each, plus a scaling plot",
+        help="user counts, e.g. 100,1000,5000,10000,19000,100000: rounds at each, plus a "
+        "scaling plot; a level one server process cannot hold runs on the fewest --workers "
+        "that can (at least --workers)",
     )
     compare.set_defaults(func=_compare)
 

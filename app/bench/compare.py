@@ -17,6 +17,7 @@ from typing import Any
 
 from app.bench.bench import BenchConfig, BenchOutcome, run_bench, summary_line
 from app.bench.plots import compare_plot, sweep_plot
+from app.bench.preflight import fewest_workers
 from app.bench.report import compare_report
 from app.bench.results import machine, median, source_version, spread, write_json
 from app.loops import LOOP_NAMES, LoopName
@@ -30,6 +31,24 @@ class CompareConfig:
     rounds: int = 3
     urls: dict[LoopName, str] | None = None  # running servers instead of local ones
     sweep: tuple[int, ...] = ()
+
+    def levels(self) -> list[int]:
+        return list(self.sweep) or [self.base.users]
+
+    def level_config(self, users: int) -> BenchConfig:
+        """The base config at `users`: on the fewest server workers (at least --workers) that
+        the fd limit allows when the servers are local."""
+        workers = self.base.workers
+        if self.urls is None:
+            workers = max(workers, fewest_workers(users))
+        return replace(self.base, users=users, workers=workers)
+
+    def preflight(self) -> None:
+        """Every level's preflight, before the first one starts (PreflightError names the limit)."""
+        for users in self.levels():
+            for loop in LOOP_NAMES:
+                target = None if self.urls is None else self.urls[loop]
+                replace(self.level_config(users), target=target).plan()
 
 
 def run_order(round_number: int) -> tuple[LoopName, LoopName]:
@@ -115,13 +134,15 @@ async def _level(
     for n in range(1, config.rounds + 1):
         for loop in run_order(n):
             run_config = replace(
-                config.base,
+                config.level_config(users),
                 loop=loop,
-                users=users,
                 out=out / f"round-{n}-{loop}",
                 target=None if config.urls is None else config.urls[loop],
             )
-            log(f"round {n}/{config.rounds}: {loop}, {users:,} users")
+            log(
+                f"round {n}/{config.rounds}: {loop}, {users:,} users"
+                + (f", {run_config.workers} workers" if run_config.workers > 1 else "")
+            )
             outcome = await run_bench(run_config)
             log("  " + summary_line(outcome.result))
             outcomes.append(outcome)
@@ -144,7 +165,8 @@ async def run_compare(
     out = config.base.out
     out.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    levels = list(config.sweep) or [config.base.users]
+    config.preflight()
+    levels = config.levels()
     blocks, outcomes = [], []
     for users in levels:
         level_out = out / f"users-{users}" if config.sweep else out

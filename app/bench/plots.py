@@ -200,18 +200,27 @@ def compare_plot(rounds: Sequence[dict[str, Any]], title: str, path: Path) -> Pa
 def sweep_plot(
     points: Sequence[dict[str, Any]], title: str, path: Path, delay_s: float = 0.0
 ) -> Path:
-    """The scaling curve: p99, rps, loop lag and RSS per connection against concurrency.
+    """The scaling curve against concurrency: p99, loop lag p99 and max (the worst worker's),
+    RSS per connection, accepted connections per user, and the load generator's CPU.
 
     With a delay, p99 is drawn as what it adds to the delay every request asked for.
     """
     p99_label = f"p99 above the {delay_s:g} s delay, ms" if delay_s else "p99 latency ms"
     metrics: tuple[tuple[str, Metric], ...] = (
         (p99_label, lambda r: r["latency_ms"]["p99"] - 1000.0 * delay_s),
-        ("requests/s", lambda r: r["rps"]),
-        ("loop lag p99 ms", lambda r: r["server"]["lag_ms"]["p99"] or 0.0),
+        ("loop lag p99 ms (worst worker)", lambda r: r["server"]["lag_ms"]["p99"] or 0.0),
+        ("loop lag max ms (worst worker)", lambda r: r["server"]["lag_ms"]["max"] or 0.0),
         ("RSS growth KB per connection", lambda r: r["server"]["rss_kb_per_connection"] or 0.0),
+        (
+            "accepted connections per user",
+            lambda r: r["server"]["accepted_connections"] / r["users"],
+        ),
+        (
+            "locust CPU, % of a core per process",
+            lambda r: r["load_generator"].get("cpu_percent_per_process") or 0.0,
+        ),
     )
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(3, 2, figsize=(10, 10))
     for ax, (label, get) in zip(axes.flat, metrics, strict=True):
         for loop in ("asyncio", "uvloop"):
             mine = sorted((p for p in points if p["loop"] == loop), key=lambda p: p["users"])

@@ -61,6 +61,67 @@ def load_generator_note(load_generator: dict[str, Any]) -> str:
     return note
 
 
+def _workers_section(server: dict[str, Any]) -> list[str]:
+    """One row per server worker, when there are several (the block above sums them)."""
+    workers = server.get("workers") or []
+    if len(workers) < 2:
+        return []
+    lines = [
+        f"## {len(workers)} server workers (one port, SO_REUSEPORT)",
+        "",
+        "Above: counts summed over the workers, each figure the worst worker's.",
+        "",
+        "| pid | peak open | accepted | requests | lag p99 ms | lag max ms | RSS MB peak "
+        "| KB / connection | CPU s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in workers:
+        lines.append(
+            f"| {w['pid']} | {w['peak_open_connections']:,} | {w['accepted_connections']:,} "
+            f"| {w['requests']:,} | {_ms(w['lag_ms']['p99'])} | {_ms(w['lag_ms']['max'])} "
+            f"| {w['rss_mb_peak']:.1f} | {_num(w['rss_kb_per_connection'], '.2f')} "
+            f"| {_num(w['cpu_s'], '.1f')} |"
+        )
+    return [*lines, ""]
+
+
+def _limits_section(result: dict[str, Any]) -> list[str]:
+    """The preflight's plan, the load generator's memory, and the machine's counters."""
+    params, load = result["params"], result["load_generator"]
+    plan = params.get("preflight")
+    if not plan:
+        return []
+    sources = plan["sources"] or ["the default (127.0.0.1)"]
+    lines = [
+        "## Limits",
+        "",
+        f"- preflight: {plan['workers']} server process(es), each `--max-connections "
+        f"{plan['max_connections_per_worker']:,}` (its fd limit minus the reserve); "
+        f"{plan['locust_processes']} locust process(es); users connect from "
+        f"{', '.join(sources)}; planned memory {plan['memory_mb_planned']:,} MB",
+        "- changed on the machine: "
+        + (", ".join(plan["machine_changes"]) if plan["machine_changes"] else "nothing"),
+    ]
+    lines += [f"- preflight note: {note}" for note in plan["notes"]]
+    if load.get("rss_mb_peak") is not None:
+        lines.append(
+            f"- load generator memory: {load['rss_mb_peak']:,.0f} MB at peak over its processes "
+            f"= {load['rss_kb_per_user']:.1f} KB per user (process bases included)"
+        )
+    if "time_wait_after" in params:
+        lines.append(
+            f"- machine-wide: {params['time_wait_before']:,} sockets in TIME_WAIT before, "
+            f"{params['time_wait_after']:,} after; {params.get('listen_drops', 0):,} SYNs dropped "
+            "on a full listen backlog during the run"
+        )
+    if result["delay_s"]:
+        lines.append(
+            f"- request rate: {result['rps']:,.1f} requests/s over the run "
+            f"(users / delay = {result['users'] / result['delay_s']:,.0f} at most)"
+        )
+    return [*lines, ""]
+
+
 def bench_report(result: dict[str, Any]) -> str:
     params = result["params"]
     server = result["server"]
@@ -113,6 +174,7 @@ def bench_report(result: dict[str, Any]) -> str:
         f"= {_num(server['cpu_ms_per_request'], '.3f')} ms per request",
         "",
     ]
+    lines += _workers_section(server) + _limits_section(result)
     if result.get("phases"):
         names = sorted({n for row in result["phases"] for n in row["by_name"]})
         lines += [
@@ -212,15 +274,23 @@ def compare_report(data: dict[str, Any], command: Sequence[str]) -> str:
             "",
             "## Sweep",
             "",
-            "| users | loop | rps | p99 ms | loop lag p99 ms | KB per connection | CPU warning |",
-            "|---:|---|---:|---:|---:|---:|---|",
+            "| users | loop | workers | rps | p99 ms | loop lag p99 ms (per worker) "
+            "| lag max ms (per worker) | KB per connection | accepted | locust CPU % "
+            "| CPU warning |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for point in data["sweep"]:
             res = point["result"]
+            server = res["server"]
+            per_worker = server.get("workers") or [server]
             lines.append(
-                f"| {point['users']:,} | {point['loop']} | {res['rps']:,.1f} "
-                f"| {_ms(res['latency_ms']['p99'])} | {_ms(res['server']['lag_ms']['p99'])} "
-                f"| {_num(res['server']['rss_kb_per_connection'], '.1f')} "
+                f"| {point['users']:,} | {point['loop']} | {len(per_worker)} "
+                f"| {res['rps']:,.1f} | {_ms(res['latency_ms']['p99'])} "
+                f"| {' / '.join(_ms(w['lag_ms']['p99']) for w in per_worker)} "
+                f"| {' / '.join(_ms(w['lag_ms']['max']) for w in per_worker)} "
+                f"| {_num(server['rss_kb_per_connection'], '.1f')} "
+                f"| {server['accepted_connections']:,} "
+                f"| {_num(res['load_generator'].get('cpu_percent_per_process'), '.0f')} "
                 f"| {'yes' if res['load_generator']['cpu_warning'] else 'no'} |"
             )
     lines += ["", "Plots: `compare.png`" + (", `sweep.png`" if data.get("sweep") else ""), ""]

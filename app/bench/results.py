@@ -113,6 +113,55 @@ class ServerRun:
         }
 
 
+def _worst(blocks: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The lag block with the highest p99 (None counts lowest), its max the highest of all."""
+    worst = dict(max(blocks, key=lambda b: -1.0 if b[key]["p99"] is None else b[key]["p99"])[key])
+    maxes = [b[key]["max"] for b in blocks if b[key]["max"] is not None]
+    if maxes:
+        worst["max"] = max(maxes)
+    return worst
+
+
+def combine_workers(workers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The `server` block over N worker processes: counts summed, each figure's worst worker.
+
+    `workers` is every worker's own summary (ServerRun.summary()); it is kept as `workers`.
+    Peak open connections is the sum of the workers' peaks: each is reached on the plateau of
+    the load, where they hold their users together.
+    """
+    if len(workers) == 1:
+        return {**workers[0], "workers": [dict(workers[0])]}
+    requests = sum(int(w["requests"]) for w in workers)
+    cpu = [w["cpu_s"] for w in workers if w["cpu_s"] is not None]
+    window_medians = [w["lag_window_p99_ms"]["median"] for w in workers]
+    window_maxes = [w["lag_window_p99_ms"]["max"] for w in workers]
+    per_conn = [w["rss_kb_per_connection"] for w in workers if w["rss_kb_per_connection"]]
+    cpu_s = sum(cpu) if len(cpu) == len(workers) else None
+    return {
+        "loop": workers[0]["loop"],
+        "pid": [w["pid"] for w in workers],
+        "lag_ms": _worst(workers, "lag_ms"),
+        "lag_window_s": workers[0]["lag_window_s"],
+        "teardown_lag_ms": _worst(workers, "teardown_lag_ms"),
+        "lag_window_p99_ms": {
+            "median": max((v for v in window_medians if v is not None), default=None),
+            "max": max((v for v in window_maxes if v is not None), default=None),
+        },
+        "peak_open_connections": sum(int(w["peak_open_connections"]) for w in workers),
+        "accepted_connections": sum(int(w["accepted_connections"]) for w in workers),
+        "rss_mb_baseline": _r(sum(float(w["rss_mb_baseline"]) for w in workers), 2),
+        "rss_mb_peak": _r(sum(float(w["rss_mb_peak"]) for w in workers), 2),
+        "rss_kb_per_connection": max(per_conn, default=None),  # the worst worker
+        "requests": requests,
+        "cpu_s": None if cpu_s is None else _r(cpu_s, 2),
+        "cpu_ms_per_request": _r(1000.0 * cpu_s / requests, 4)
+        if cpu_s is not None and requests
+        else None,
+        "samples": sum(int(w["samples"]) for w in workers),
+        "workers": [dict(w) for w in workers],
+    }
+
+
 def latency_block(summary: LatencySummary) -> dict[str, float]:
     return {"p50": summary.p50, "p95": summary.p95, "p99": summary.p99, "max": summary.max}
 
@@ -208,14 +257,15 @@ def build_result(
     *,
     params: dict[str, Any],
     log: RequestLog,
-    server: ServerRun,
+    server: ServerRun | Sequence[ServerRun],
     phases: Sequence[tuple[float, str]],
     load_generator: dict[str, Any],
 ) -> dict[str, Any]:
     overall = LatencySummary.of(log.requests)
     start, end = log.span()
     span = end - start
-    server_block = server.summary()
+    runs = [server] if isinstance(server, ServerRun) else list(server)
+    server_block = combine_workers([run.summary() for run in runs])
     return {
         "scenario": params["scenario"],
         "loop": server_block.pop("loop"),
@@ -229,7 +279,7 @@ def build_result(
         "by_name": {name: _name_block(LatencySummary.of(rs)) for name, rs in log.by_name().items()},
         "server": server_block,
         "load_generator": load_generator,
-        "phases": phase_rows(log, [server.baseline, *server.during], phases),
+        "phases": phase_rows(log, [runs[0].baseline, *runs[0].during], phases),
         "params": params,
         "span_s": _r(span, 2),
         "machine": machine(),

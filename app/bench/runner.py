@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.launch import ProcessError, ServerProcess, free_port
+from app.launch import ProcessError, ServerProcess, eventually, free_port
 from app.loops import LoopName
-from app.monitor.process import cpu_seconds
+from app.monitor.process import cpu_seconds, rss_bytes
 
 SERVE_BACKLOG = 4096
 # lines locust logs when a process ran above its CPU threshold (master, workers, or at the end)
@@ -57,6 +57,32 @@ async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
     return proc.returncode
 
 
+async def _terminate_tree(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Stop locust and the worker processes it forked (they outlive a master that is gone)."""
+    children = [pid for pid in process_tree(proc.pid) if pid != proc.pid]
+    await _terminate(proc, grace)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await eventually(
+            lambda: not any(_alive(pid) for pid in children), within=grace, interval=0.1
+        )
+    for pid in children:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Still running (not gone, not a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 async def _copy_lines(stream: asyncio.StreamReader, sink: IO[bytes]) -> None:
     """Copy a child's output to its log file as it comes."""
     while line := await stream.readline():
@@ -65,10 +91,24 @@ async def _copy_lines(stream: asyncio.StreamReader, sink: IO[bytes]) -> None:
 
 
 def lab_server(
-    loop: LoopName, log_path: Path, *, max_delay: float = 60.0, thread_workers: int = 8
+    loop: LoopName,
+    log_path: Path,
+    *,
+    max_delay: float = 60.0,
+    thread_workers: int = 8,
+    workers: int = 1,
+    max_connections: int = 0,
 ) -> ServerProcess:
-    """`python -m app serve` on a port of its own choosing, with the chosen loop."""
+    """`python -m app serve` on a port of its own choosing, with the chosen loop.
+
+    `workers` > 1: that many processes share the port (SO_REUSEPORT); `max_connections` is each
+    one's limit (0: the server derives it from its fd limit).
+    """
     return ServerProcess(
+        "--workers",
+        str(workers),
+        "--max-connections",
+        str(max_connections),
         "--loop",
         loop,
         "--backlog",
@@ -144,6 +184,8 @@ class LocustOutcome:
     cpu_warning_lines: tuple[str, ...]
     wall_s: float
     cpu_s: float  # user + system CPU of every locust process (master and forked workers)
+    rss_mb_peak: float = 0.0  # the sum of each locust process's highest sampled RSS
+    pids: int = 1  # locust processes seen (master and workers)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -163,21 +205,32 @@ def process_tree(pid: int) -> list[int]:
 
 
 class TreeCpu:
-    """CPU time of a process and its children, summed from samples (a child's last one counts)."""
+    """CPU time and RSS of a process and its children, from samples (a child's last one counts)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._seen: dict[int, float] = {}
+        self._rss: dict[int, int] = {}
 
     def sample(self) -> None:
         for pid in process_tree(self.pid):
             cpu = cpu_seconds(pid)
             if cpu is not None:
                 self._seen[pid] = max(cpu, self._seen.get(pid, 0.0))
+            with contextlib.suppress(OSError):
+                self._rss[pid] = max(rss_bytes(pid), self._rss.get(pid, 0))
 
     @property
     def total_s(self) -> float:
         return sum(self._seen.values())
+
+    @property
+    def rss_mb_peak(self) -> float:
+        return sum(self._rss.values()) / 2**20
+
+    @property
+    def pids(self) -> int:
+        return len(self._seen)
 
     async def follow(self, interval: float = 1.0) -> None:
         while True:
@@ -223,10 +276,10 @@ async def run_locust(
         try:
             code = await asyncio.wait_for(proc.wait(), limit_s)
         except TimeoutError:
-            await _terminate(proc, grace=10.0)
+            await _terminate_tree(proc, grace=10.0)
             raise ProcessError(f"locust ran past {limit_s:.0f} s; see {log_path}") from None
         except BaseException:  # cancelled (Ctrl-C): do not leave locust running
-            await _terminate(proc, grace=10.0)
+            await _terminate_tree(proc, grace=10.0)
             raise
         finally:
             follower.cancel()
@@ -235,4 +288,6 @@ async def run_locust(
             await copier
     warnings = cpu_warnings(_read_log(log_path))
     wall = time.monotonic() - started
-    return LocustOutcome(code, bool(warnings), warnings, wall, cpu.total_s)
+    return LocustOutcome(
+        code, bool(warnings), warnings, wall, cpu.total_s, cpu.rss_mb_peak, cpu.pids
+    )

@@ -105,6 +105,7 @@ class StatsSampler:
 
     url: str
     interval: float = 1.0
+    expect_pid: int | None = None  # a worker behind a shared port: answers from another are dropped
     on_sample: Callable[[ServerSample], None] | None = None
     samples: list[ServerSample] = field(default_factory=list)
     errors: int = 0
@@ -129,6 +130,9 @@ class StatsSampler:
         async with self._session.get(f"{self.url}/stats") as response:
             response.raise_for_status()
             stats: dict[str, Any] = await response.json()
+        if self.expect_pid is not None and stats.get("pid") != self.expect_pid:
+            # the keep-alive connection was replaced and the kernel chose another worker
+            raise ValueError(f"worker {stats.get('pid')} answered for {self.expect_pid}")
         t = time.time()
         async with self._session.get(f"{self.url}/metrics") as response:
             response.raise_for_status()
@@ -166,3 +170,70 @@ def lag_over(samples: Sequence[ServerSample]) -> LagHistogram | None:
     if len(with_lag) < 2:
         return None
     return with_lag[-1].minus(with_lag[0])
+
+
+class WorkerSamplers:
+    """One StatsSampler per server worker behind one SO_REUSEPORT port.
+
+    The kernel hands each new connection to a worker by a hash of its addresses and ports, so
+    the samplers open connections until every one of `workers` pids has answered, and keep each
+    worker's keep-alive connection: /stats and /metrics on it then always come from that worker.
+    """
+
+    def __init__(self, url: str, workers: int, interval: float = 1.0) -> None:
+        self.url = url
+        self.workers = workers
+        self.interval = interval
+        self.by_pid: dict[int, StatsSampler] = {}
+        self.tries = 0
+
+    async def __aenter__(self) -> WorkerSamplers:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sampler in self.by_pid.values():
+            await sampler.__aexit__(*exc)
+
+    async def discover(self, within: float = 60.0) -> dict[int, StatsSampler]:
+        """Connect until each worker has answered (every worker is then serving)."""
+        deadline = time.monotonic() + within
+        while len(self.by_pid) < self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(self.by_pid)} of {self.workers} workers answered /stats within "
+                    f"{within:g} s ({self.tries} connections)"
+                )
+            self.tries += 1
+            sampler = await StatsSampler(self.url, self.interval).__aenter__()
+            try:
+                pid = int((await sampler.sample()).stats["pid"])
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                await sampler.__aexit__(None)
+                await asyncio.sleep(0.05)  # a worker still starting: try again shortly
+                continue
+            if pid in self.by_pid:
+                await sampler.__aexit__(None)
+                continue
+            sampler.expect_pid = pid
+            sampler.samples.clear()
+            self.by_pid[pid] = sampler
+        return self.by_pid
+
+    @property
+    def samplers(self) -> list[StatsSampler]:
+        return [self.by_pid[pid] for pid in sorted(self.by_pid)]
+
+    async def sample(self) -> list[ServerSample]:
+        return list(await asyncio.gather(*(s.sample() for s in self.samplers)))
+
+    def start(self) -> None:
+        for sampler in self.samplers:
+            sampler.start()
+
+    async def stop(self) -> None:
+        for sampler in self.samplers:
+            await sampler.stop()
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.samplers)
