@@ -69,6 +69,12 @@ def _data(cells: list[dict[str, Any]], spread: float = 1.01, rounds: int = 3) ->
     }
 
 
+def _matrix_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`loop-lab matrix ARGS` as a subprocess."""
+    argv = [sys.executable, "-m", "app", "matrix", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_a_verdict_is_marked_where_it_differs_from_the_first_interpreter_on_its_loop() -> None:
     """Only cells whose verdict differs from the same loop on the first interpreter are marked."""
     cells = [
@@ -119,13 +125,7 @@ def test_each_interpreter_maps_to_the_official_image_names() -> None:
 @pytest.mark.parametrize("bad", ["3", "3.x", "2.7,", "", "3.11;rm"])
 def test_pythons_must_be_versions(bad: str) -> None:
     """--pythons takes X.Y versions only; anything else is a usage error naming the flag."""
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "matrix", "--pythons", bad],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _matrix_cli("--pythons", bad)
     assert done.returncode == 2
     assert "--pythons" in done.stderr
 
@@ -212,14 +212,8 @@ def test_combine_joins_runs_of_one_setting_into_one_report(tmp_path: Path) -> No
         run["command"] = ["loop-lab", "matrix", "--pythons", python]
         (tmp_path / python).mkdir()
         (tmp_path / python / "matrix.json").write_text(json.dumps(run))
-    argv = [sys.executable, "-m", "app", "matrix", "--out", str(tmp_path / "all"), "--combine"]
-    done = subprocess.run(
-        [*argv, str(tmp_path / "3.11"), str(tmp_path / "3.15")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    runs = [str(tmp_path / "3.11"), str(tmp_path / "3.15")]
+    done = _matrix_cli("--out", str(tmp_path / "all"), "--combine", *runs)
     assert done.returncode == 0, done.stderr
     joined = json.loads((tmp_path / "all" / "matrix.json").read_text())
     assert [(c["python"], c["loop"]) for c in joined["cells"]] == [
@@ -235,12 +229,6 @@ def test_combine_joins_runs_of_one_setting_into_one_report(tmp_path: Path) -> No
 
     other = json.loads((tmp_path / "3.15" / "matrix.json").read_text())
     (tmp_path / "3.15" / "matrix.json").write_text(json.dumps({**other, "rounds": 1}))
-    done = subprocess.run(
-        [*argv, str(tmp_path / "3.11"), str(tmp_path / "3.15")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _matrix_cli("--out", str(tmp_path / "all"), "--combine", *runs)
     assert done.returncode == 3
     assert "rounds" in done.stderr
