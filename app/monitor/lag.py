@@ -48,6 +48,7 @@ class LagSampler:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.heartbeat = time.monotonic()  # not the construction time: startup is no stall
         self._due = loop.time() + self.interval
         self._handle = loop.call_at(self._due, self._tick)
 
