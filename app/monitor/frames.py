@@ -9,6 +9,7 @@ path has to record it.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 from types import FrameType
@@ -22,19 +23,21 @@ ROOT_DIR = os.path.dirname(APP_DIR.rstrip(os.sep)) + os.sep
 MONITOR_DIR = os.path.join(APP_DIR, "monitor") + os.sep
 
 
+@functools.lru_cache(maxsize=4096)
 def is_project(filename: str) -> bool:
     """Code of the service itself (app/), not the monitor watching it."""
     return filename.startswith(APP_DIR) and not filename.startswith(MONITOR_DIR)
 
 
+@functools.lru_cache(maxsize=4096)
 def short_path(filename: str) -> str:
     """`app/cpu.py` for the project's files; a library's path from its package on."""
-    if filename.startswith(ROOT_DIR):
-        return filename[len(ROOT_DIR) :]
     for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
         at = filename.rfind(marker)
         if at >= 0:
             return filename[at + len(marker) :]
+    if filename.startswith(ROOT_DIR):
+        return filename[len(ROOT_DIR) :]
     parts = filename.split(os.sep)
     return os.sep.join(parts[-2:])
 
