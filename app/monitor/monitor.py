@@ -52,6 +52,7 @@ class Monitor:
         self.loop = loop_name(loop)
         self.metrics.loop_info.labels(loop=self.loop).set(1)
         self.lag.start(loop)
+        self._last_beat = self.lag.heartbeat  # a stall before the first tick is one too
         self.utilization.start()  # on the loop thread: it samples the thread that calls it
         self.watchdog = StallWatchdog(
             heartbeat=lambda: self.lag.heartbeat,

@@ -26,6 +26,7 @@ import gc
 import inspect
 import os
 import platform
+import random
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ INTERVAL_S = 0.02
 WINDOW_S = 10.0
 CONTENDED_S = 0.001  # the sampler woke this much late: someone held the GIL
 GAP_INTERVALS = 3  # a sampling gap longer than this many intervals is accounted apart
+IDLE_CPU_SHARE = 0.02  # a gap the loop used at most this share of, in its selector at both ends
 GC_NAMED_S = 0.001  # collections this long keep where they ran, for the stall report
 
 
@@ -102,6 +104,7 @@ class GcWindow(NamedTuple):
     stop: float
     where: str | None
     route: str | None
+    thread: str  # the thread that collected
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,7 @@ class UtilizationSampler(Collector):
         self._gc_started = 0.0
         self._gc_frame: FrameType | None = None
         self._loop_ident = 0
+        self._last_cause = IDLE
         self._loop_tid = 0
         self._loop_name = ""
         self._started_at = 0.0
@@ -183,8 +187,9 @@ class UtilizationSampler(Collector):
     # the gc hook (runs on whichever thread collects) -------------------------------------
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if threading.get_ident() != self._loop_ident:
-            return  # a collection on another thread: the loop was not the one collecting
+        # The collector is not reentrant and holds the GIL, so one start time serves every thread.
+        # Only the loop thread's collections are loop time; another thread's still hold the
+        # GIL, so they explain a stall of a loop that wanted to run meanwhile.
         if phase == "start":
             self._gc_started = time.monotonic()
             here = inspect.currentframe()
@@ -192,12 +197,16 @@ class UtilizationSampler(Collector):
             return
         stop = time.monotonic()
         pause = stop - self._gc_started
-        self._gc_total += pause
-        self.busy_seconds["gc"] += pause
+        on_loop = threading.get_ident() == self._loop_ident
+        if on_loop:
+            self._gc_total += pause
+            self.busy_seconds["gc"] += pause
         frame, self._gc_frame = self._gc_frame, None
         if pause >= GC_NAMED_S:
+            thread = self._loop_name if on_loop else threading.current_thread().name
+            route = frames.route_of(frame) if on_loop else None
             self._gc_windows.append(
-                GcWindow(self._gc_started, stop, frames.where(frame), frames.route_of(frame))
+                GcWindow(self._gc_started, stop, frames.where(frame), route, thread)
             )
 
     # the sampling thread -----------------------------------------------------------------
@@ -208,6 +217,7 @@ class UtilizationSampler(Collector):
         syscall_fd = os.open(f"{base}/syscall", os.O_RDONLY)
         sched_fd = os.open(f"{base}/schedstat", os.O_RDONLY)
         others: dict[int, tuple[int, float]] = {}  # native id -> (schedstat fd, last runtime)
+        jitter = random.Random().random
         try:
             prev = time.monotonic()
             loop_prev = _runtime(sched_fd)
@@ -223,7 +233,9 @@ class UtilizationSampler(Collector):
                 gc_prev += gc_part
                 self._record(raw, now, now - prev, gc_part, loop_run - loop_prev, ran, contended)
                 prev, loop_prev = now, loop_run
-                due = max(due + self.interval, now)  # no burst of catch-up samples after a gap
+                # random spacing (mean `interval`): a fixed one locks in phase with the loop's
+                # own timers (the lag sampler's 20 ms tick) and counts each wake-up many times
+                due = max(due, now) + self.interval * (0.5 + jitter())
         except OSError:
             self.enabled = False  # the loop thread is gone (shutdown): nothing left to sample
         finally:
@@ -277,12 +289,42 @@ class UtilizationSampler(Collector):
         route = frames.route_of(loop_frame) if busy_loop else None
         where = frames.where(frame) if cause != IDLE else None
         if gap:
-            # the sampler could not run for a while (the GIL held in C code, or no CPU): the
-            # loop's own CPU time says whether it ran meanwhile; if not, nobody knows what it did
-            gap_cause = "cpu" if loop_ran - gc_part >= 0.5 * gap else "unknown"
-            self._append(Sample(now - self.interval, gap, gap_cause, None, where, thread, route, 0.0))
+            idle_around = cause == IDLE and self._last_cause == IDLE
+            self._append(
+                self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
+            )
+        self._last_cause = cause
         self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
         self.samples_taken += 1
+
+    def _gap(
+        self,
+        now: float,
+        gap: float,
+        loop_ran: float,
+        others_ran: dict[int, float],
+        idle_around: bool,
+        current: dict[int, FrameType],
+    ) -> Sample:
+        """The stretch this thread could not sample (the GIL held in C code, or no CPU).
+
+        CPU times say who ran meanwhile: the loop (cpu), or another thread, all along (the loop
+        waited for the GIL it held). A loop in its selector at both ends that used (almost) no
+        CPU in between was idle: this thread just did not get a CPU (a loaded machine). Anything
+        else: nobody knows what the loop did.
+        """
+        at = now - self.interval
+        if loop_ran >= 0.5 * gap:
+            return Sample(at, gap, "cpu", None, None, self._loop_name, None, 0.0)
+        if idle_around and loop_ran <= IDLE_CPU_SHARE * gap:
+            return Sample(at, gap, IDLE, None, None, None, None, 0.0)
+        busiest = max(others_ran.items(), key=lambda item: item[1], default=None)
+        if busiest is not None and busiest[1] >= 0.5 * gap:
+            holder = _thread_named(busiest[0])
+            if holder is not None and holder.ident is not None:
+                held = frames.where(current.get(holder.ident))
+                return Sample(at, gap, "gil", holder.name, held, holder.name, None, 0.0)
+        return Sample(at, gap, "unknown", None, None, None, None, 0.0)
 
     def _append(self, sample: Sample) -> None:
         self._samples.append(sample)
@@ -333,6 +375,10 @@ class UtilizationSampler(Collector):
     def _snapshot(self) -> tuple[Sample, ...]:
         return tuple(self._samples)  # one C-level copy: consistent against the sampling thread
 
+    def samples(self) -> list[Sample]:
+        """The samples of the last `window` seconds or so, oldest first."""
+        return list(self._snapshot())
+
     def summary(self) -> dict[str, Any] | None:
         """`/stats` `utilization`: busy fractions of the last 1 s and 10 s, by cause (10 s)."""
         if not self.enabled:
@@ -346,8 +392,24 @@ class UtilizationSampler(Collector):
             "last_10s": round(sum(last_10s.values()), 4),
             "by_cause": {c: round(v, 4) for c, v in last_10s.items()},
             "by_cause_1s": {c: round(v, 4) for c, v in last_1s.items()},
+            "top": self._top(samples, now),
             "samples": self.samples_taken,
         }
+
+    def _top(self, samples: tuple[Sample, ...], now: float, n: int = 5) -> list[dict[str, Any]]:
+        """The code the loop was busy in most over the window: `{cause, where, share}`."""
+        horizon = now - self.window
+        span = min(self.window, now - self._started_at)
+        shares: dict[tuple[str, str | None, str | None], float] = {}
+        for s in samples:
+            if s.t > horizon and s.cause != IDLE:
+                key = (s.cause, s.detail if s.cause == "syscall" else None, s.where)
+                shares[key] = shares.get(key, 0.0) + s.dt
+        ranked = sorted(shares.items(), key=lambda item: item[1], reverse=True)[:n]
+        return [
+            {"cause": c, "detail": d, "where": w, "share": round(v / span, 4) if span else 0.0}
+            for (c, d, w), v in ranked
+        ]
 
     def _fractions(self, samples: tuple[Sample, ...], now: float, window: float) -> dict[str, float]:
         horizon = now - window
@@ -377,6 +439,8 @@ class UtilizationSampler(Collector):
             overlap = min(w.stop, end) - max(w.start, start)
             if overlap > 0:
                 weights["gc"] += overlap
+                # the sampler cannot run during a collection: what it could not see is this
+                weights["unknown"] = max(0.0, weights["unknown"] - overlap)
                 if overlap > best.get("gc", (0.0, w))[0]:
                     best["gc"] = (overlap, w)
         cause = max(CAUSES, key=lambda c: weights[c])
@@ -384,7 +448,7 @@ class UtilizationSampler(Collector):
             return Explanation("unknown", None, None, None, None)
         evidence = best[cause][1]
         if isinstance(evidence, GcWindow):
-            return Explanation("gc", evidence.where, self._loop_name, evidence.route, None)
+            return Explanation("gc", evidence.where, evidence.thread, evidence.route, None)
         return Explanation(cause, evidence.where, evidence.thread, evidence.route, evidence.detail)
 
     def collect(self) -> Iterable[Metric]:
