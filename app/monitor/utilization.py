@@ -134,6 +134,12 @@ def _runtime(fd: int) -> float:
     return int(_read(fd).split(maxsplit=1)[0]) / 1e9
 
 
+def _run_and_wait(fd: int) -> tuple[float, float]:
+    """A thread's CPU seconds and seconds spent runnable waiting for a CPU (schedstat)."""
+    fields = _read(fd).split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
 class UtilizationSampler(Collector):
     """Samples the loop thread from its own thread; summaries and metrics read the samples."""
 
@@ -151,6 +157,7 @@ class UtilizationSampler(Collector):
         self._gc_frame: FrameType | None = None
         self._loop_ident = 0
         self._last_cause = IDLE
+        self._loop_waited = 0.0  # seconds the loop thread was runnable without a CPU, last interval
         self._loop_tid = 0
         self._loop_name = ""
         self._started_at = 0.0
@@ -220,19 +227,20 @@ class UtilizationSampler(Collector):
         jitter = random.Random().random
         try:
             prev = time.monotonic()
-            loop_prev = _runtime(sched_fd)
+            loop_prev, wait_prev = _run_and_wait(sched_fd)
             gc_prev = self._gc_total
             due = prev + self.interval
             while not self._running.acquire(timeout=max(0.0, due - time.monotonic())):
                 now = time.monotonic()
                 contended = now - due > CONTENDED_S
                 raw = _read(syscall_fd)
-                loop_run = _runtime(sched_fd)
+                loop_run, loop_wait = _run_and_wait(sched_fd)
+                self._loop_waited = loop_wait - wait_prev
                 ran = {tid: run for tid, run in self._other_runtimes(others)}
                 gc_part = self._gc_total - gc_prev
                 gc_prev += gc_part
                 self._record(raw, now, now - prev, gc_part, loop_run - loop_prev, ran, contended)
-                prev, loop_prev = now, loop_run
+                prev, loop_prev, wait_prev = now, loop_run, loop_wait
                 # random spacing (mean `interval`): a fixed one locks in phase with the loop's
                 # own timers (the lag sampler's 20 ms tick) and counts each wake-up many times
                 due = max(due, now) + self.interval * (0.5 + jitter())
@@ -324,7 +332,10 @@ class UtilizationSampler(Collector):
             if holder is not None and holder.ident is not None:
                 held = frames.where(current.get(holder.ident))
                 return Sample(at, gap, "gil", holder.name, held, holder.name, None, 0.0)
-        return Sample(at, gap, "unknown", None, None, None, None, 0.0)
+        # the loop was runnable but had no CPU (a machine busy with other processes): what it
+        # would have done is not known, but why it did not is
+        why = "waiting for a CPU" if self._loop_waited >= 0.5 * gap else None
+        return Sample(at, gap, "unknown", why, None, None, None, 0.0)
 
     def _append(self, sample: Sample) -> None:
         self._samples.append(sample)
@@ -394,7 +405,18 @@ class UtilizationSampler(Collector):
             "by_cause_1s": {c: round(v, 4) for c, v in last_1s.items()},
             "top": self._top(samples, now),
             "samples": self.samples_taken,
+            "sampler_cpu_s": self.own_cpu_seconds(),
         }
+
+    def own_cpu_seconds(self) -> float | None:
+        """CPU seconds the sampling thread itself has used (its cost; docs/utilization.md)."""
+        if self.native_id is None:
+            return None
+        try:
+            with open(f"/proc/self/task/{self.native_id}/schedstat", "rb") as f:
+                return round(int(f.read().split()[0]) / 1e9, 4)
+        except OSError:
+            return None
 
     def _top(self, samples: tuple[Sample, ...], now: float, n: int = 5) -> list[dict[str, Any]]:
         """The code the loop was busy in most over the window: `{cause, where, share}`."""
