@@ -100,9 +100,12 @@ def await_chain(coro: object) -> list[types.FrameType]:
 def _driven(frame: types.FrameType) -> object | None:
     """The suspended coroutine a generator drives by hand (the middleware's handler), if any."""
     for value in frame.f_locals.values():
-        if type(value) is types.CoroutineType and value.cr_frame is not None:
-            if not value.cr_running:
-                return value
+        if (
+            type(value) is types.CoroutineType
+            and value.cr_frame is not None
+            and not value.cr_running
+        ):
+            return value
     return None
 
 

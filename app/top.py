@@ -123,9 +123,8 @@ def _routes(stats: dict[str, Any]) -> Table:
     table.add_column("max step ms", justify="right")
     table.add_column("requests", justify="right")
     table.add_column("in flight", justify="right")
-    routes = sorted(
-        stats.get("routes", {}).items(), key=lambda item: item[1].get("max_step_ms", 0), reverse=True
-    )
+    rows = stats.get("routes", {}).items()
+    routes = sorted(rows, key=lambda item: item[1].get("max_step_ms", 0), reverse=True)
     for route, rec in routes[:TOP_ROUTES]:
         table.add_row(
             route, f"{rec.get('max_step_ms', 0):.1f}", str(rec.get("count", 0)),

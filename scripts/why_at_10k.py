@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -68,10 +69,8 @@ async def measure(loop: str, idle_s: float, poll: float, out: Path) -> dict[str,
                             "utilization_10s": after["utilization"]["last_10s"],
                         }
                     )
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(bench.wait(), poll)
-                except TimeoutError:
-                    pass
     finally:
         await server.stop()
     result = json.loads((out / "result.json").read_text())

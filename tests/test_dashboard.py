@@ -260,7 +260,9 @@ def test_dashboard_labels_a_stall_and_shows_where_tasks_wait(
             expect(label).to_contain_text("syscall (clock_nanosleep)", timeout=WAIT_MS)
             expect(label).to_contain_text("app/blocking.py:")
             wait_until(page, "Number(document.getElementById('cause-chart').dataset.points) >= 8")
-            expect(page.locator("#busy-now")).not_to_have_text("–")
+            expect(page.locator("#busy-now")).not_to_have_text(
+                "\u2013"
+            )  # the dash shown before the first update
             page.screenshot(path=shots / "dashboard-why.png")
             assert log.errors == []
             assert log.foreign == []

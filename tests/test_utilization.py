@@ -50,7 +50,8 @@ async def _stall(session: aiohttp.ClientSession, url: str, over_ms: float) -> di
 def test_syscall_table_covers_both_architectures() -> None:
     """x86_64 and aarch64 both name the selector calls, futex and clock_nanosleep."""
     for table in SYSCALLS.values():
-        assert table.selector and table.futex in table.names
+        assert table.selector
+        assert table.futex in table.names
         assert "clock_nanosleep" in table.names.values()
         assert {"epoll_pwait", "epoll_pwait2", "ppoll"} <= {table.names[n] for n in table.selector}
 
@@ -199,7 +200,7 @@ async def test_a_thousand_awaits_leave_headroom(loop: str) -> None:
 
             async def all_in_flight() -> bool:
                 nonlocal in_flight
-                in_flight = (await _json(session, f"{server.url}/stats"))["in_flight"]
+                in_flight = int((await _json(session, f"{server.url}/stats"))["in_flight"])
                 return in_flight >= 990
 
             await eventually(all_in_flight, within=10, what="1,000 requests in flight")

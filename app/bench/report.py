@@ -125,7 +125,8 @@ def bench_report(result: dict[str, Any]) -> str:
         f"MB at peak = {_num(server['rss_kb_per_connection'], '.1f')} KB per peak connection",
         f"- server CPU: {_num(server['cpu_s'], '.1f')} s for {server['requests']:,} requests "
         f"= {_num(server['cpu_ms_per_request'], '.3f')} ms per request",
-        f"- loop utilisation (the server's last 10 s, during the load): {utilization_sentence(server)}",
+        f"- loop utilisation (the server's last 10 s, during the load): "
+        f"{utilization_sentence(server)}",
         "",
     ]
     if result.get("phases"):

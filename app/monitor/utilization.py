@@ -1,4 +1,4 @@
-"""Loop utilisation by cause: a thread asks the kernel what the loop thread is doing, 50 times a second.
+"""Loop utilisation by cause: a thread asks the kernel what the loop thread does, 50 times a second.
 
 Busy is every moment the loop thread is not waiting in its selector (epoll_wait and kin). Each
 sample reads the loop thread's current system call (`/proc/self/task/<tid>/syscall`: a number, or
@@ -60,6 +60,7 @@ class SyscallTable:
     names: Mapping[int, str]
 
 
+# fmt: off
 SYSCALLS: dict[str, SyscallTable] = {
     "x86_64": SyscallTable(
         selector=frozenset({232, 281, 441, 7, 271, 23, 270}),
@@ -72,7 +73,7 @@ SYSCALLS: dict[str, SyscallTable] = {
             230: "clock_nanosleep", 232: "epoll_wait", 257: "openat", 270: "pselect6",
             271: "ppoll", 281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
         },
-    ),  # fmt: skip
+    ),
     "aarch64": SyscallTable(
         selector=frozenset({22, 441, 72, 73}),
         futex=98,
@@ -84,8 +85,9 @@ SYSCALLS: dict[str, SyscallTable] = {
             207: "recvfrom", 211: "sendmsg", 212: "recvmsg", 222: "mmap", 242: "accept4",
             260: "wait4", 441: "epoll_pwait2",
         },
-    ),  # fmt: skip
+    ),
 }
+# fmt: on
 
 
 class Sample(NamedTuple):
@@ -298,9 +300,7 @@ class UtilizationSampler(Collector):
         where = frames.where(frame) if cause != IDLE else None
         if gap:
             idle_around = cause == IDLE and self._last_cause == IDLE
-            self._append(
-                self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
-            )
+            self._append(self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current))
         self._last_cause = cause
         self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
         self.samples_taken += 1
@@ -433,7 +433,9 @@ class UtilizationSampler(Collector):
             for (c, d, w), v in ranked
         ]
 
-    def _fractions(self, samples: tuple[Sample, ...], now: float, window: float) -> dict[str, float]:
+    def _fractions(
+        self, samples: tuple[Sample, ...], now: float, window: float
+    ) -> dict[str, float]:
         horizon = now - window
         span = min(window, now - self._started_at)
         sums = dict.fromkeys(CAUSES, 0.0)
