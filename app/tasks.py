@@ -18,6 +18,7 @@ lazily), so for those `oldest_s` is a lower bound.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import threading
@@ -68,14 +69,14 @@ class TaskView:
 
     task: asyncio.Task[Any]
     key: tuple[int, int] | None  # the waiting frame's code (by id, in _code_kind) and line
-    chain: list[types.FrameType]
+    chain: list[tuple[object, types.FrameType]]
     age_s: float
     created_by: str
 
 
-def await_chain(coro: object) -> list[types.FrameType]:
-    """The frames of a coroutine's await chain, outermost first (empty if it is not suspended)."""
-    chain: list[types.FrameType] = []
+def await_chain(coro: object) -> list[tuple[object, types.FrameType]]:
+    """A coroutine's await chain, outermost first: each suspended coroutine and its frame."""
+    chain: list[tuple[object, types.FrameType]] = []
     obj: object = coro
     for _ in range(MAX_DEPTH):
         if type(obj) is types.CoroutineType:
@@ -85,21 +86,25 @@ def await_chain(coro: object) -> list[types.FrameType]:
             frame = obj.gi_frame
             nxt = obj.gi_yieldfrom
             if nxt is None and frame is not None and frame.f_code.co_flags & _DRIVER:
-                nxt = _driven(frame)
+                nxt = _driven(obj)
         else:
             break
         if frame is None:
             break
-        chain.append(frame)
+        chain.append((obj, frame))
         if nxt is None:
             break
         obj = nxt
     return chain
 
 
-def _driven(frame: types.FrameType) -> object | None:
-    """The suspended coroutine a generator drives by hand (the middleware's handler), if any."""
-    for value in frame.f_locals.values():
+def _driven(generator: object) -> object | None:
+    """The suspended coroutine a generator drives by hand (the middleware's handler), if any.
+
+    Read from what the generator refers to (its locals among them): `frame.f_locals` would
+    attach a dict of them to every frame it is read from, for as long as the frame lives.
+    """
+    for value in gc.get_referents(generator):
         if (
             type(value) is types.CoroutineType
             and value.cr_frame is not None
@@ -115,20 +120,22 @@ def view(task: asyncio.Task[Any], now_perf: float, now_mono: float) -> TaskView:
     inner: types.FrameType | None = None
     route: str | None = None
     started = 0.0
-    for frame in chain:
+    for obj, frame in chain:
         kind = _kind(frame.f_code)
         if kind:
             inner = frame
             if kind == 2 and route is None:
-                request = frame.f_locals.get("request")
-                if isinstance(request, web.Request):
+                request = next(
+                    (r for r in gc.get_referents(obj) if isinstance(r, web.Request)), None
+                )
+                if request is not None:
                     resource = request.match_info.route.resource
                     route = resource.canonical if resource is not None else "unmatched"
                     steps = request.get(STEPS)
                     if steps is not None:
                         started = steps.started
     if inner is None and chain:
-        inner = chain[-1]
+        inner = chain[-1][1]
     key = (id(inner.f_code), inner.f_lineno) if inner is not None else None
     if started:
         age = now_perf - started
@@ -204,7 +211,7 @@ def report(loop: asyncio.AbstractEventLoop, listed: int, exclude: object) -> dic
                 "name": v.task.get_name(),
                 "coro": getattr(v.task.get_coro(), "__qualname__", ""),
                 "where": _where(v.key)[0],
-                "await_chain": [frames.location(f) for f in v.chain],
+                "await_chain": [frames.location(f) for _, f in v.chain],
                 "age_s": round(v.age_s, 3),
                 "created_by": v.created_by,
             }

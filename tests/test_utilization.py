@@ -208,7 +208,7 @@ async def test_a_thousand_awaits_leave_headroom(loop: str) -> None:
 
             async def renewed() -> bool:  # a steady second: every client asked again
                 stats.update(await _json(session, f"{server.url}/stats"))
-                return bool(stats["requests_total"] >= 1000 + 2)
+                return bool(stats["requests_total"] >= 1000 + 2 and stats["in_flight"] >= 900)
 
             await eventually(renewed, within=10, interval=0.1, what="a second round")
             await asyncio.gather(*clients)

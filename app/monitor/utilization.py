@@ -136,6 +136,14 @@ def _runtime(fd: int) -> float:
     return int(_read(fd).split(maxsplit=1)[0]) / 1e9
 
 
+def _syscall_number(raw: bytes) -> int | None:
+    """The system call a `/proc/.../syscall` line names (None: running, or unreadable)."""
+    try:
+        return int(raw.split(maxsplit=1)[0])
+    except (ValueError, IndexError):
+        return None
+
+
 def _run_and_wait(fd: int) -> tuple[float, float]:
     """A thread's CPU seconds and seconds spent runnable waiting for a CPU (schedstat)."""
     fields = _read(fd).split()
@@ -225,7 +233,9 @@ class UtilizationSampler(Collector):
         base = f"/proc/self/task/{self._loop_tid}"
         syscall_fd = os.open(f"{base}/syscall", os.O_RDONLY)
         sched_fd = os.open(f"{base}/schedstat", os.O_RDONLY)
-        others: dict[int, tuple[int, float]] = {}  # native id -> (schedstat fd, last runtime)
+        # native id -> (schedstat fd, CPU seconds, when read): read only when a sample needs it
+        others: dict[int, tuple[int, float, float]] = {}
+        selector = self.table.selector if self.table is not None else frozenset()
         jitter = random.Random().random
         try:
             prev = time.monotonic()
@@ -238,10 +248,19 @@ class UtilizationSampler(Collector):
                 raw = _read(syscall_fd)
                 loop_run, loop_wait = _run_and_wait(sched_fd)
                 self._loop_waited = loop_wait - wait_prev
-                ran = {tid: run for tid, run in self._other_runtimes(others)}
                 gc_part = self._gc_total - gc_prev
                 gc_prev += gc_part
-                self._record(raw, now, now - prev, gc_part, loop_run - loop_prev, ran, contended)
+                span = now - prev - gc_part
+                if span <= GAP_INTERVALS * self.interval and _syscall_number(raw) in selector:
+                    # the common case, idle: nothing else to read
+                    self._append(Sample(now, max(0.0, span), IDLE, None, None, None, None, gc_part))
+                    self.samples_taken += 1
+                    self._last_cause = IDLE
+                else:
+                    ran = dict(self._other_runtimes(others, now, now - prev))
+                    self._record(
+                        raw, now, now - prev, gc_part, loop_run - loop_prev, ran, contended
+                    )
                 prev, loop_prev, wait_prev = now, loop_run, loop_wait
                 # random spacing (mean `interval`): a fixed one locks in phase with the loop's
                 # own timers (the lag sampler's 20 ms tick) and counts each wake-up many times
@@ -249,13 +268,18 @@ class UtilizationSampler(Collector):
         except OSError:
             self.enabled = False  # the loop thread is gone (shutdown): nothing left to sample
         finally:
-            for fd, _ in others.values():
+            for fd, _, _ in others.values():
                 os.close(fd)
             os.close(syscall_fd)
             os.close(sched_fd)
 
-    def _other_runtimes(self, others: dict[int, tuple[int, float]]) -> Iterable[tuple[int, float]]:
-        """CPU seconds each other Python thread ran since the last sample (new ones: none)."""
+    def _other_runtimes(
+        self, others: dict[int, tuple[int, float, float]], now: float, elapsed: float
+    ) -> Iterable[tuple[int, float]]:
+        """CPU seconds each other Python thread ran per `elapsed`, at its rate since last read.
+
+        A thread seen for the first time has no rate yet and is left out.
+        """
         seen = set()
         for thread in threading.enumerate():
             tid = thread.native_id
@@ -266,14 +290,15 @@ class UtilizationSampler(Collector):
             try:
                 if entry is None:
                     fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
-                    others[tid] = (fd, _runtime(fd))
+                    others[tid] = (fd, _runtime(fd), now)
                     continue
-                fd, last = entry
+                fd, last, then = entry
                 run = _runtime(fd)
             except OSError:
                 continue  # the thread ended between enumerate() and the read
-            others[tid] = (fd, run)
-            yield tid, run - last
+            others[tid] = (fd, run, now)
+            if now > then:
+                yield tid, (run - last) / (now - then) * elapsed
         for tid in list(others):
             if tid not in seen:
                 os.close(others.pop(tid)[0])
@@ -300,7 +325,10 @@ class UtilizationSampler(Collector):
         where = frames.where(frame) if cause != IDLE else None
         if gap:
             idle_around = cause == IDLE and self._last_cause == IDLE
-            self._append(self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current))
+            filed = self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
+            if filed.cause == "cpu" and cause == "cpu":  # still running: the same code, likely
+                filed = filed._replace(where=where, route=route)
+            self._append(filed)
         self._last_cause = cause
         self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
         self.samples_taken += 1
@@ -377,6 +405,9 @@ class UtilizationSampler(Collector):
             if holder is not None and holder.ident is not None:
                 return "gil", holder.name, holder.name, current.get(holder.ident)
             return "unknown", "the GIL's holder ended", self._loop_name, loop_frame
+        if running and self._loop_waited > max(loop_ran, 0.0):
+            # runnable, but it waited for a core longer than it ran: a machine busy elsewhere
+            return "unknown", "waiting for a CPU", self._loop_name, loop_frame
         if running or (contended and loop_ran > 0.0):
             return "cpu", None, self._loop_name, loop_frame
         return "syscall", "futex", self._loop_name, loop_frame
