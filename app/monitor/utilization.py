@@ -136,6 +136,16 @@ def _runtime(fd: int) -> float:
     return int(_read(fd).split(maxsplit=1)[0]) / 1e9
 
 
+def _overlap(windows: tuple[tuple[float, float], ...], start: float, end: float) -> float:
+    """Seconds of `windows` (newest last) inside [start, end]."""
+    total = 0.0
+    for a, b in reversed(windows):
+        if b <= start:
+            break
+        total += max(0.0, min(b, end) - max(a, start))
+    return total
+
+
 def _syscall_number(raw: bytes) -> int | None:
     """The system call a `/proc/.../syscall` line names (None: running, or unreadable)."""
     try:
@@ -162,7 +172,9 @@ class UtilizationSampler(Collector):
         self.samples_taken = 0
         self._samples: deque[Sample] = deque(maxlen=int(window / interval * 2) + 16)
         self._gc_windows: deque[GcWindow] = deque(maxlen=64)
-        self._gc_total = 0.0  # seconds of loop-thread collections, ever
+        # (start, stop) of the loop thread's recent collections, and how many there have been
+        self._gc_loop: deque[tuple[float, float]] = deque(maxlen=512)
+        self._gc_count = 0
         self._gc_started = 0.0
         self._gc_frame: FrameType | None = None
         self._loop_ident = 0
@@ -187,7 +199,9 @@ class UtilizationSampler(Collector):
         self._loop_name = current.name
         self._started_at = time.monotonic()
         self.enabled = True
-        gc.callbacks.append(self._on_gc)
+        # first, so a collection's window is recorded before other hooks' Python code runs
+        # (the GIL can pass to the sampler inside a hook)
+        gc.callbacks.insert(0, self._on_gc)
         self._running.acquire()
         self._thread = threading.Thread(target=self._run, name="looplab-utilization", daemon=True)
         self._thread.start()
@@ -216,7 +230,8 @@ class UtilizationSampler(Collector):
         pause = stop - self._gc_started
         on_loop = threading.get_ident() == self._loop_ident
         if on_loop:
-            self._gc_total += pause
+            self._gc_loop.append((self._gc_started, stop))
+            self._gc_count += 1
             self.busy_seconds["gc"] += pause
         frame, self._gc_frame = self._gc_frame, None
         if pause >= GC_NAMED_S:
@@ -240,7 +255,7 @@ class UtilizationSampler(Collector):
         try:
             prev = time.monotonic()
             loop_prev, wait_prev = _run_and_wait(sched_fd)
-            gc_prev = self._gc_total
+            gc_seen = self._gc_count
             due = prev + self.interval
             while not self._running.acquire(timeout=max(0.0, due - time.monotonic())):
                 now = time.monotonic()
@@ -248,8 +263,10 @@ class UtilizationSampler(Collector):
                 raw = _read(syscall_fd)
                 loop_run, loop_wait = _run_and_wait(sched_fd)
                 self._loop_waited = loop_wait - wait_prev
-                gc_part = self._gc_total - gc_prev
-                gc_prev += gc_part
+                gc_part = 0.0
+                if self._gc_count != gc_seen:
+                    gc_seen = self._gc_count
+                    gc_part = _overlap(tuple(self._gc_loop), prev, now)
                 span = now - prev - gc_part
                 if span <= GAP_INTERVALS * self.interval and _syscall_number(raw) in selector:
                     # the common case, idle: nothing else to read
@@ -405,11 +422,11 @@ class UtilizationSampler(Collector):
             if holder is not None and holder.ident is not None:
                 return "gil", holder.name, holder.name, current.get(holder.ident)
             return "unknown", "the GIL's holder ended", self._loop_name, loop_frame
-        if running and self._loop_waited > max(loop_ran, 0.0):
-            # runnable, but it waited for a core longer than it ran: a machine busy elsewhere
-            return "unknown", "waiting for a CPU", self._loop_name, loop_frame
         if running or (contended and loop_ran > 0.0):
-            return "cpu", None, self._loop_name, loop_frame
+            # runnable is CPU demand; say so when it waited for a core longer than it ran (a
+            # machine busy with other processes)
+            starved = self._loop_waited > max(loop_ran, 0.0)
+            return "cpu", "waiting for a CPU" if starved else None, self._loop_name, loop_frame
         return "syscall", "futex", self._loop_name, loop_frame
 
     # reading -----------------------------------------------------------------------------
