@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.keys import MONITOR
 from app.launch import ServerProcess, ServerThread, eventually
 from app.monitor.utilization import SYSCALLS, proc_available
+from app.monitor.watchdog import StallWatchdog
 
 pytestmark = pytest.mark.skipif(not proc_available(), reason="needs Linux /proc per-thread files")
 
@@ -216,3 +218,19 @@ async def test_a_thousand_awaits_leave_headroom(loop: str) -> None:
         await server.stop()
     assert stats["in_flight"] >= 900
     assert stats["utilization"]["last_1s"] < 0.5, stats["utilization"]
+
+
+def test_a_stall_at_startup_starts_at_zero_not_before() -> None:
+    """A stall reaching back before the server started is placed at 0.0 s (never -0.0)."""
+    started = time.monotonic()
+    watchdog = StallWatchdog(
+        heartbeat=lambda: started,
+        threshold=0.2,
+        loop_thread_id=0,
+        in_flight_routes=dict,
+        started=started,
+    )
+    entry = watchdog.stall_ended(started - 1.0, 1.5, started + 0.5)
+    assert json.dumps(entry["started_s"]) == "0.0"
+    assert entry["cause"] == "unknown"  # no sampler: nothing is guessed
+    assert watchdog.recent_stalls() == [entry]

@@ -117,7 +117,7 @@ class StallWatchdog:
             self._on_stall(cause.cause)
         if not live:
             self.last_report = (
-                f"event loop stalled for {lag * 1000:.0f} ms "
+                f"event loop stalled: no turn for {(now - beat_before) * 1000:.0f} ms "
                 f"(threshold {self.threshold * 1000:.0f} ms), cause: {_describe(cause)}; "
                 f"route: {route or 'none'} (seen once it ended)"
             )
