@@ -11,8 +11,8 @@ alone takes 6-12 ms at 10,000 tasks on 3.11): the loop keeps serving meanwhile a
 for the GIL (figures in docs/utilization.md, "/tasks at 10,000 tasks").
 
 Age: a request's task is as old as its request (the middleware's `StepRecord.started`); any
-other task's age is counted from the first time `/tasks` saw it (a WeakKeyDictionary filled
-lazily), so for those `oldest_s` is a lower bound.
+other task's age is counted from the first time `/tasks` saw it (kept, with the route or name,
+per task for as long as it lives), so for those `oldest_s` is a lower bound.
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ routes = web.RouteTableDef()
 MAX_DEPTH = 64  # await chains longer than this are cut (a runaway recursion)
 MAX_LISTED = 1000  # `?detail=1` lists at most this many tasks (`limit`)
 DEFAULT_LISTED = 200
-YIELD_EVERY = 512  # tasks walked between letting go of the GIL
+YIELD_EVERY = 128  # tasks walked between letting go of the GIL
 
-_first_seen: weakref.WeakKeyDictionary[asyncio.Task[Any], float] = weakref.WeakKeyDictionary()
-_first_seen_lock = threading.Lock()
+# id(task) -> (weak reference to it, created_by, since when, which clock): a task's origin is
+# read once. Keyed by id, a plain dict: a WeakKeyDictionary makes a weak reference per lookup.
+_Origin = tuple["weakref.ReferenceType[asyncio.Task[Any]]", str, float, str]
+_origins: dict[int, _Origin] = {}
+_walking = threading.Lock()  # one walk at a time: concurrent /tasks requests queue for it
 
 
 # id(code) -> (code, kind): 0 library code, 1 project code, 2 project code with a `request`
@@ -118,37 +121,49 @@ def view(task: asyncio.Task[Any], now_perf: float, now_mono: float) -> TaskView:
     """Where `task` waits, how old it is, and who made it."""
     chain = await_chain(task.get_coro())
     inner: types.FrameType | None = None
-    route: str | None = None
-    started = 0.0
+    known = _origins.get(id(task))
+    if known is not None and known[0]() is not task:
+        known = None  # that id belonged to a task that is gone
     for obj, frame in chain:
         kind = _kind(frame.f_code)
         if kind:
             inner = frame
-            if kind == 2 and route is None:
-                request = next(
-                    (r for r in gc.get_referents(obj) if isinstance(r, web.Request)), None
-                )
-                if request is not None:
-                    resource = request.match_info.route.resource
-                    route = resource.canonical if resource is not None else "unmatched"
-                    steps = request.get(STEPS)
-                    if steps is not None:
-                        started = steps.started
+            if kind == 2 and known is None:
+                known = _origin_of(task, obj, now_mono)
+    if known is None:
+        known = _origin_of(task, None, now_mono)
     if inner is None and chain:
         inner = chain[-1][1]
     key = (id(inner.f_code), inner.f_lineno) if inner is not None else None
-    if started:
-        age = now_perf - started
-    else:
-        with _first_seen_lock:
-            age = now_mono - _first_seen.setdefault(task, now_mono)
-    if route is not None:
-        created_by = route
-    else:
-        created_by = task.get_name()
-        if created_by.startswith("Task-"):
-            created_by = getattr(task.get_coro(), "__qualname__", created_by)
+    _, created_by, started, clock = known
+    age = (now_perf if clock == "perf" else now_mono) - started
     return TaskView(task, key, chain, max(0.0, age), created_by)
+
+
+def _origin_of(task: asyncio.Task[Any], handler: object | None, now_mono: float) -> _Origin:
+    """Who made a task and since when, read once and kept for as long as the task lives.
+
+    A request's handler (`handler`, a suspended coroutine with a `request` local) gives the
+    route and the request's start; any other task its name and the time it was first seen.
+    """
+    origin: _Origin | None = None
+    if handler is not None:
+        request = next((r for r in gc.get_referents(handler) if type(r) is web.Request), None)
+        if request is not None:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            steps = request.get(STEPS)
+            if steps is not None and steps.started:
+                origin = (weakref.ref(task), route, steps.started, "perf")
+    if origin is None:
+        if handler is not None:
+            return (weakref.ref(task), task.get_name(), now_mono, "mono")  # not kept: look again
+        name = task.get_name()
+        if name.startswith("Task-"):
+            name = getattr(task.get_coro(), "__qualname__", name)
+        origin = (weakref.ref(task), name, now_mono, "mono")
+    _origins[id(task)] = origin
+    return origin
 
 
 def _where(key: tuple[int, int] | None) -> tuple[str, str]:
@@ -168,9 +183,16 @@ def report(loop: asyncio.AbstractEventLoop, listed: int, exclude: object) -> dic
     (documented as safe from another thread). Every `YIELD_EVERY` tasks the walk lets go of the
     GIL (`time.sleep(0)`), so a loop that has work waits for it a fraction of a switch interval.
     """
+    with _walking:
+        return _report(loop, listed, exclude)
+
+
+def _report(loop: asyncio.AbstractEventLoop, listed: int, exclude: object) -> dict[str, Any]:
     started = perf_counter()
     now_mono = time.monotonic()
     tasks = [t for t in asyncio.all_tasks(loop) if t is not exclude]
+    for ended in [k for k, origin in _origins.items() if origin[0]() is None]:
+        _origins.pop(ended, None)  # tasks that have ended
     views: list[TaskView] = []
     for i, task in enumerate(tasks):
         if i % YIELD_EVERY == YIELD_EVERY - 1:
