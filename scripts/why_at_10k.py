@@ -32,7 +32,9 @@ async def _json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return body
 
 
-async def measure(loop: str, idle_s: float, poll: float, out: Path) -> dict[str, Any]:
+async def measure(
+    loop: str, idle_s: float, poll: float, out: Path, with_tasks: bool
+) -> dict[str, Any]:
     server = await ServerProcess("--loop", loop, nofile=20_000).start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -52,7 +54,10 @@ async def measure(loop: str, idle_s: float, poll: float, out: Path) -> dict[str,
             loaded: list[tuple[float, float]] = []  # (monotonic, sampler cpu) at >= 9,900 in flight
             while bench.returncode is None:
                 stats = await _json(session, f"{server.url}/stats")
-                tasks = await _json(session, f"{server.url}/tasks")
+                if with_tasks:
+                    tasks = await _json(session, f"{server.url}/tasks")
+                else:  # the control run: the same load, no /tasks
+                    tasks = {"groups": [], "total": 0, "build_ms": 0.0, "loop_ms": 0.0}
                 after = await _json(session, f"{server.url}/stats")
                 top = next((g for g in tasks["groups"] if g["project"]), None)
                 in_flight = (stats["in_flight"] + after["in_flight"]) / 2
@@ -96,7 +101,9 @@ async def measure(loop: str, idle_s: float, poll: float, out: Path) -> dict[str,
             "worst_count_error": max(
                 (abs(p["top_count"] - p["in_flight"]) / p["in_flight"] for p in polls),
                 default=None,
-            ),
+            )
+            if with_tasks
+            else None,
             "top_where": polls[-1]["top_where"] if polls else None,
             "utilization_10s_median": med("utilization_10s"),
         },
@@ -117,9 +124,11 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=30.0, help="idle seconds measured first")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between /tasks polls")
     parser.add_argument("--out", type=Path, default=None, help="bench output directory")
+    parser.add_argument("--no-tasks", action="store_true", help="control run: no /tasks polls")
     args = parser.parse_args()
-    out = args.out or ROOT / "results" / f"why-10k-{args.loop}"
-    print(json.dumps(asyncio.run(measure(args.loop, args.idle, args.poll, out)), indent=2))
+    out = args.out or ROOT / "results" / f"why-10k-{args.loop}{'-control' if args.no_tasks else ''}"
+    result = asyncio.run(measure(args.loop, args.idle, args.poll, out, not args.no_tasks))
+    print(json.dumps(result, indent=2))
     return 0
 
 
