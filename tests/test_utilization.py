@@ -70,9 +70,9 @@ async def test_idle_servers_are_idle() -> None:
                 async def settled(url: str = server.url, util: dict[str, Any] = util) -> bool:
                     stats = await _json(session, f"{url}/stats")
                     util.update(stats["utilization"], loop=stats["loop"])
-                    return bool(stats["uptime_s"] > 10.5)  # a whole window, startup excluded
+                    return bool(stats["utilization"]["samples"] > 560)  # 11 s: a whole window
 
-                await eventually(settled, within=30, interval=0.5, what="10.5 s of uptime")
+                await eventually(settled, within=40, interval=0.5, what="11 s of samples")
                 utils.append(util)
     finally:
         for server in servers:
@@ -167,6 +167,8 @@ async def test_full_collection_stall_is_gc(server: ServerThread) -> None:
         gc.enable()
     made = time.monotonic()
     await eventually(lambda: monitor.lag.heartbeat > made, within=10, what="a lag tick")
+    ticked = monitor.lag.heartbeat  # one more: the tick before it has recorded any stall
+    await eventually(lambda: monitor.lag.heartbeat > ticked, within=10, what="another tick")
     try:
         before = monitor.watchdog.stalls if monitor.watchdog is not None else 0
         loop.call_soon_threadsafe(gc.collect)
@@ -188,39 +190,29 @@ async def test_full_collection_stall_is_gc(server: ServerThread) -> None:
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_a_thousand_awaits_leave_headroom(loop: str) -> None:
-    """1,000 clients each looping /await?delay=1: utilisation stays under 0.5."""
+    """1,000 concurrent /await?delay=1: while they wait, last_1s stays under 0.5."""
     server = await ServerProcess("--loop", loop).start()
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            ends = time.monotonic() + 3.5
 
-            async def client() -> None:
-                while time.monotonic() < ends:
-                    async with session.get(f"{server.url}/await?delay=1") as response:
-                        assert response.status == 200
-                        await response.read()
+            async def one() -> None:
+                async with session.get(f"{server.url}/await?delay=1") as response:
+                    assert response.status == 200
+                    await response.read()
 
-            clients = [asyncio.create_task(client()) for _ in range(1000)]
-            in_flight = 0
-
-            async def all_in_flight() -> bool:
-                nonlocal in_flight
-                in_flight = int((await _json(session, f"{server.url}/stats"))["in_flight"])
-                return in_flight >= 990
-
-            await eventually(all_in_flight, within=10, what="1,000 requests in flight")
+            waiting = [asyncio.create_task(one()) for _ in range(1000)]
             stats: dict[str, Any] = {}
 
-            async def renewed() -> bool:  # a steady second: every client asked again
+            async def all_in_flight() -> bool:
                 stats.update(await _json(session, f"{server.url}/stats"))
-                return bool(stats["requests_total"] >= 1000 + 2 and stats["in_flight"] >= 900)
+                return bool(stats["in_flight"] >= 1000)
 
-            await eventually(renewed, within=10, interval=0.1, what="a second round")
-            await asyncio.gather(*clients)
+            await eventually(all_in_flight, within=10, interval=0.05, what="1,000 in flight")
+            await asyncio.gather(*waiting)
     finally:
         await server.stop()
-    assert stats["in_flight"] >= 900
+    # the second before all 1,000 were in: their connections, requests and handlers' first steps
     assert stats["utilization"]["last_1s"] < 0.5, stats["utilization"]
 
 
