@@ -24,6 +24,7 @@ from app import (
     scheduling,
     serialising,
     stats,
+    tasks,
     threadsafe,
     upstream,
 )
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
         serialising,
         health,
         stats,
+        tasks,
         metrics,
         endpoints,
         dashboard,

@@ -1,4 +1,4 @@
-"""`loop-lab`: serve, bench, compare, claims."""
+"""`loop-lab`: serve, bench, compare, claims, top."""
 
 from __future__ import annotations
 
@@ -38,6 +38,22 @@ def _claims(args: argparse.Namespace) -> int:
     return code
 
 
+def _top(args: argparse.Namespace) -> int:
+    try:
+        from app.top import run
+    except ImportError:  # rich comes with the `load` extra
+        print("loop-lab top: needs rich (pip install 'loop-lab[load]')", file=sys.stderr)
+        return 2
+    return run(args.url, once=bool(args.once), interval=float(args.interval))
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loop-lab", description="See and measure the asyncio event loop under load."
@@ -58,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the experiments that compare loops on this loop only (default: both)",
     )
     claims.set_defaults(func=_claims)
+
+    top = commands.add_parser("top", help="live terminal view of a running server")
+    top.add_argument("url", help="the server, e.g. http://127.0.0.1:8080")
+    top.add_argument("--interval", type=_positive, default=1.0, help="seconds between frames")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_top)
 
     # bench/compare live with their orchestration code and add their own subcommands
     try:

@@ -57,7 +57,8 @@ class Metrics:
         )
         self.stalls = Counter(
             "looplab_loop_stalls",
-            "Times the watchdog saw the loop not run for longer than the stall threshold.",
+            "Times the loop did not run for longer than the stall threshold, by dominant cause.",
+            ["cause"],
             registry=r,
         )
 

@@ -34,6 +34,9 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "executor": {**app[EXECUTORS].as_dict(), "default": app[DEFAULT_EXECUTOR].as_dict()},
         "executor_limits": app[EXECUTORS].limits_dict(),
         "stalls": monitor.watchdog.stalls if monitor.watchdog is not None else 0,
+        "stalls_recent": monitor.watchdog.recent_stalls() if monitor.watchdog is not None else [],
+        # fractions of wall time the loop thread was not in its selector (null off Linux)
+        "utilization": monitor.utilization.summary(),
         "rss_mb": round(monitor.rss() / 2**20, 2),
         "rss_mb_peak": round(monitor.rss_peak() / 2**20, 2),
         "gc": app[GC].as_dict(),

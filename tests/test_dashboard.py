@@ -8,6 +8,8 @@ screenshots from this test.
 from __future__ import annotations
 
 import os
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +223,50 @@ def test_dashboard_fires_the_real_loop_killers(
         assert log.errors == []
     finally:
         page.close()
+
+
+def _hold(url: str, n: int) -> list[threading.Thread]:
+    """`n` requests in flight from threads of this process (the page's own are capped at six)."""
+
+    def get() -> None:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            response.read()
+
+    threads = [threading.Thread(target=get, daemon=True) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_dashboard_labels_a_stall_and_shows_where_tasks_wait(
+    browser: BrowserContext, shots: Path
+) -> None:
+    """A /block stall band is labelled with its cause and line; the task panel names the await."""
+    page = browser.new_page()
+    with running_server("asyncio") as server:
+        log = PageLog(page, server.url)
+        held = _hold(f"{server.url}/await?delay=6", 20)
+        try:
+            page.goto(f"{server.url}/")
+            expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+            row = page.locator("#tasks-table tbody tr", has_text="app/awaiting.py")
+            expect(row).to_contain_text("await asyncio.sleep(delay)", timeout=WAIT_MS)
+            expect(row.locator("td").first).to_have_text("20")
+            expect(row).to_contain_text("/await")
+            page.get_by_label("Delay per request (s)").fill("1.5")
+            page.get_by_label("Concurrent requests").fill("1")
+            page.get_by_role("button", name="Fire /block").click()
+            label = page.locator('#lag-chart .stall-label[data-cause="syscall"]')
+            expect(label).to_contain_text("syscall (clock_nanosleep)", timeout=WAIT_MS)
+            expect(label).to_contain_text("app/blocking.py:")
+            wait_until(page, "Number(document.getElementById('cause-chart').dataset.points) >= 8")
+            expect(page.locator("#busy-now")).not_to_have_text(
+                "\u2013"
+            )  # the dash shown before the first update
+            page.screenshot(path=shots / "dashboard-why.png")
+            assert log.errors == []
+            assert log.foreign == []
+        finally:
+            page.close()
+            for thread in held:
+                thread.join(timeout=10)

@@ -64,6 +64,8 @@ SUMMARY_KEYS: dict[str, Getter] = {
     "lag_p99_ms": lambda r: r["server"]["lag_ms"]["p99"],
     "cpu_ms_per_request": lambda r: r["server"]["cpu_ms_per_request"],
     "rss_kb_per_connection": lambda r: r["server"]["rss_kb_per_connection"],
+    # the server's own busy share (last 10 s, sampled during the run): its headroom at this load
+    "utilization": lambda r: (r["server"].get("utilization") or {}).get("median"),
 }
 RATIO_KEYS: dict[str, Getter] = {
     "rps": SUMMARY_KEYS["rps"],

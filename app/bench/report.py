@@ -19,6 +19,20 @@ def _num(value: float | None, fmt: str = ",.0f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def utilization_sentence(server: dict[str, Any]) -> str:
+    util = server.get("utilization")
+    if not util:
+        return "not reported by this server"
+    causes = ", ".join(
+        f"{cause} {_pct(share)}" for cause, share in util["by_cause"].items() if share > 0.0005
+    )
+    return f"median {_pct(util['median'])}, max {_pct(util['max'])} ({causes or 'idle'})"
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     return (
         f"{machine.get('cpus')} CPUs ({machine.get('cpu_model') or 'unknown model'}), "
@@ -172,6 +186,8 @@ def bench_report(result: dict[str, Any]) -> str:
         f"MB at peak = {_num(server['rss_kb_per_connection'], '.1f')} KB per peak connection",
         f"- server CPU: {_num(server['cpu_s'], '.1f')} s for {server['requests']:,} requests "
         f"= {_num(server['cpu_ms_per_request'], '.3f')} ms per request",
+        f"- loop utilisation (the server's last 10 s, during the load): "
+        f"{utilization_sentence(server)}",
         "",
     ]
     lines += _workers_section(server) + _limits_section(result)
@@ -220,15 +236,16 @@ def compare_report(data: dict[str, Any], command: Sequence[str]) -> str:
         shlex.join(command),
         "```",
         "",
-        "| loop | rps | p50 ms | p99 ms | loop lag p99 ms | server CPU ms/request "
-        "| RSS KB/connection |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| loop | rps | p50 ms | p99 ms | loop lag p99 ms | loop utilisation "
+        "| server CPU ms/request | RSS KB/connection |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for loop in ("asyncio", "uvloop"):
         s = summary[loop]
         lines.append(
             f"| {loop} | {s['rps']:,.1f} | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} "
-            f"| {_ms(s['lag_p99_ms'])} | {_num(s.get('cpu_ms_per_request'), '.3f')} "
+            f"| {_ms(s['lag_p99_ms'])} | {_pct(s.get('utilization'))} "
+            f"| {_num(s.get('cpu_ms_per_request'), '.3f')} "
             f"| {_num(s.get('rss_kb_per_connection'), '.1f')} |"
         )
     lines += [
@@ -246,17 +263,19 @@ def compare_report(data: dict[str, Any], command: Sequence[str]) -> str:
         "",
         "## Rounds",
         "",
-        "| round | loop | rps | p99 ms | lag p99 ms | lag max ms | server CPU ms/request "
-        "| locust CPU % per process | CPU warning |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| round | loop | rps | p99 ms | lag p99 ms | lag max ms | utilisation "
+        "| server CPU ms/request | locust CPU % per process | CPU warning |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in data["rounds"]:
         res = run["result"]
         server, generator = res["server"], res["load_generator"]
+        util = (server.get("utilization") or {}).get("median")
         lines.append(
             f"| {run['round']} | {run['loop']} | {res['rps']:,.1f} "
             f"| {_ms(res['latency_ms']['p99'])} | {_ms(server['lag_ms']['p99'])} "
-            f"| {_ms(server['lag_ms']['max'])} | {_num(server.get('cpu_ms_per_request'), '.3f')} "
+            f"| {_ms(server['lag_ms']['max'])} | {_pct(util)} "
+            f"| {_num(server.get('cpu_ms_per_request'), '.3f')} "
             f"| {_num(generator.get('cpu_percent_per_process'), '.0f')} "
             f"| {'yes' if generator['cpu_warning'] else 'no'} |"
         )

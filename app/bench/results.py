@@ -67,6 +67,29 @@ class ServerRun:
             if s.t - window >= self.baseline.t or float(s.stats["lag_ms"][key]) != stale
         ]
 
+    def utilization(self, samples: Sequence[ServerSample]) -> dict[str, Any] | None:
+        """The server's own `utilization.last_10s` during the load: median and max, by cause.
+
+        Samples whose 10 s window still reaches back before the load are left out when later
+        ones exist; None if the server does not report utilisation (off Linux, older servers).
+        """
+        with_util = [s for s in samples if s.stats.get("utilization")]
+        settled = [s for s in with_util if s.t - 10.0 >= self.baseline.t] or with_util
+        if not settled:
+            return None
+        busy = [float(s.stats["utilization"]["last_10s"]) for s in settled]
+        causes = settled[0].stats["utilization"]["by_cause"]
+        return {
+            "median": _r(statistics.median(busy), 4),
+            "max": _r(max(busy), 4),
+            "by_cause": {
+                cause: _r(statistics.median(float(s.stats["utilization"]["by_cause"][cause])
+                                            for s in settled), 4)
+                for cause in causes
+            },
+            "samples": len(settled),
+        }  # fmt: skip
+
     def summary(self) -> dict[str, Any]:
         base, samples = self.baseline, list(self.during)
         last = samples[-1] if samples else base
@@ -99,6 +122,7 @@ class ServerRun:
                 "median": _r(statistics.median(window_p99)) if window_p99 else None,
                 "max": max(window_p99, default=None),
             },
+            "utilization": self.utilization(loaded),
             "peak_open_connections": peak_open,
             "accepted_connections": accepted,
             "rss_mb_baseline": base.rss_mb,

@@ -48,8 +48,15 @@ class LagSampler:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.heartbeat = time.monotonic()  # not the construction time: startup is no stall
         self._due = loop.time() + self.interval
         self._handle = loop.call_at(self._due, self._tick)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it samples (once started)."""
+        assert self._loop is not None, "lag sampler not started"
+        return self._loop
 
     def stop(self) -> None:
         if self._handle is not None:

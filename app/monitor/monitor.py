@@ -1,4 +1,4 @@
-"""The monitor: loop lag, per-route steps, connections and the stall watchdog, one per app.
+"""The monitor: loop lag, per-route steps, connections, utilisation and the stall watchdog.
 
 `setup(app)` makes it when the app is made (the request middleware must be in place before the
 app is frozen); `start_sampling` starts its timer and thread once the app has started, and the
@@ -24,13 +24,18 @@ from app.monitor.lag import LagSampler
 from app.monitor.middleware import request_middleware
 from app.monitor.process import peak_rss_bytes, rss_bytes
 from app.monitor.route_stats import RouteStats
+from app.monitor.utilization import CAUSES, UtilizationSampler
 from app.monitor.watchdog import StallWatchdog
 
 
 class Monitor:
     def __init__(self, metrics: Metrics, stall_threshold: float) -> None:
         self.metrics = metrics
-        self.lag = LagSampler(observe=metrics.loop_lag.observe)
+        self.lag = LagSampler(observe=self._observe_lag)
+        self.utilization = UtilizationSampler()
+        metrics.registry.register(self.utilization)
+        for cause in CAUSES:  # every cause's count exists from the start, at 0
+            metrics.stalls.labels(cause=cause)
         self.routes = RouteStats()
         metrics.registry.register(self.routes)  # exports the per-route request families
         self.middleware = request_middleware(self.routes)
@@ -41,22 +46,36 @@ class Monitor:
         self.pid = os.getpid()
         self.started = time.monotonic()
         self.watchdog: StallWatchdog | None = None
+        self._last_beat: float | None = None  # the heartbeat of the previous lag tick
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop_name(loop)
         self.metrics.loop_info.labels(loop=self.loop).set(1)
         self.lag.start(loop)
+        self._last_beat = self.lag.heartbeat  # a stall before the first tick is one too
+        self.utilization.start()  # on the loop thread: it samples the thread that calls it
         self.watchdog = StallWatchdog(
             heartbeat=lambda: self.lag.heartbeat,
             threshold=self.stall_threshold,
             loop_thread_id=threading.get_ident(),
             in_flight_routes=self.routes.in_flight_by_route,
-            on_stall=self.metrics.stalls.inc,
+            on_stall=lambda cause: self.metrics.stalls.labels(cause=cause).inc(),
+            explain=self.utilization.explain,
+            started=self.started,
         )
         self.watchdog.start()
 
+    def _observe_lag(self, lag: float) -> None:
+        """Each lag tick (on the loop): the histogram, and the end of a stall it closes."""
+        self.metrics.loop_lag.observe(lag)
+        beat = self.lag.heartbeat
+        last, self._last_beat = self._last_beat, beat
+        if last is not None and beat - last > self.stall_threshold and self.watchdog is not None:
+            self.watchdog.stall_ended(last, lag, beat)
+
     def stop(self) -> None:
         self.lag.stop()
+        self.utilization.stop()
         if self.watchdog is not None:
             self.watchdog.stop()
 

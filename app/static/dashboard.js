@@ -114,6 +114,7 @@ function onUpdate(u) {
     inflight: u.in_flight,
     open: u.connections.open,
     down: state.reconnected,
+    causes: u.utilization ? u.utilization.by_cause_1s : null,
   });
   state.reconnected = false;
   while (state.points.length && state.points[0].t < u.t - KEEP_S) state.points.shift();
@@ -143,11 +144,75 @@ function renderFigures(u) {
   setText("open-conns", String(u.connections.open));
   setText("conn-peak", String(u.connections.peak));
   setText("rps", u.rps.toFixed(1));
+  renderBusy(u.utilization);
   const longest = u.longest_step;
   setText("longest-step", longest ? `${longest.route} · ${fmtMs(longest.max_step_ms)} ms` : "none yet");
   const maxDelay = Math.min(10, u.max_delay_s);
   const delay = $("delay");
   if (delay.max !== String(maxDelay)) delay.max = String(maxDelay);
+}
+
+const CAUSES = ["cpu", "syscall", "gil", "gc", "unknown"];
+
+function renderBusy(util) {
+  if (!util) {
+    setText("busy-now", "–");
+    setText("busy-10s", "not sampled here");
+    setText("busy-cause", "");
+    return;
+  }
+  setText("busy-now", (100 * util.last_1s).toFixed(0));
+  setText("busy-10s", `${(100 * util.last_10s).toFixed(0)} %`);
+  const by = util.by_cause_1s;
+  const top = CAUSES.reduce((a, b) => (by[b] > by[a] ? b : a), CAUSES[0]);
+  setText("busy-cause", by[top] > 0.005 ? `mostly ${top}` : "");
+}
+
+// ---------- tasks ----------
+
+const TASK_ROWS = 6;
+const TASKS_EVERY_MS = 2000;
+
+async function pollTasks() {
+  if (document.hidden) return;
+  let body;
+  try {
+    const response = await fetch("/tasks", { cache: "no-store" });
+    if (!response.ok) return;
+    body = await response.json();
+  } catch (err) {
+    return; // the server is away: the stream's status says so
+  }
+  renderTasks(body);
+}
+
+function renderTasks(body) {
+  setText("tasks-total", `${body.total.toLocaleString("en-US")} live`);
+  const tbody = $("tasks-table").tBodies[0];
+  const fresh = document.createDocumentFragment();
+  for (const group of body.groups.slice(0, TASK_ROWS)) {
+    const tr = document.createElement("tr");
+    if (group.project) tr.className = "project";
+    const count = document.createElement("td");
+    count.className = "num";
+    count.textContent = group.count.toLocaleString("en-US");
+    const where = document.createElement("td");
+    where.className = "where";
+    const code = document.createElement("code");
+    code.textContent = group.where;
+    const line = document.createElement("span");
+    line.className = "line";
+    line.textContent = group.line;
+    where.append(code, line);
+    const oldest = document.createElement("td");
+    oldest.className = "num";
+    oldest.textContent = group.oldest_s.toFixed(1);
+    const by = document.createElement("td");
+    by.textContent = group.created_by;
+    tr.append(count, where, oldest, by);
+    fresh.appendChild(tr);
+  }
+  tbody.replaceChildren(fresh);
 }
 
 function renderRoutes(u) {
@@ -264,6 +329,7 @@ function drawChart(svg, series, opts) {
       labelRight = mid + 20;
     }
   }
+  if (opts.stalls && state.latest) drawStalls(svg, plot, x, start, w);
   // lines break at gaps: nothing is known about the loop while no update arrived
   for (const s of series) {
     let d = "";
@@ -296,6 +362,78 @@ function drawChart(svg, series, opts) {
   svg.dataset.gaps = String(gaps.length);
 }
 
+// the watchdog's stalls, placed by the server's own clock: started_s counts from its start
+function drawStalls(svg, plot, x, start, w) {
+  const { h, top, bottom, right } = GEOM;
+  const u = state.latest;
+  const serverStart = u.t - u.uptime_s;
+  let labelRight = -Infinity;
+  for (const stall of u.stalls_recent || []) {
+    const a = serverStart + stall.started_s;
+    const b = a + stall.duration_ms / 1000;
+    if (b < start) continue;
+    svgEl("rect", { class: "stall", x: x(a), y: top, width: Math.max(2, x(b) - x(a)),
+                    height: h - top - bottom }, plot);
+    const text = `${stall.cause}${stall.detail ? ` (${stall.detail})` : ""}` +
+                 (stall.where ? ` · ${stall.where}` : "");
+    const at = Math.min(Math.max(x(a) + 4, GEOM.left + 2), w - right - 6 * text.length);
+    if (at > labelRight) {
+      const label = svgEl("text", { class: "stall-label", x: at, y: top + 14 }, svg);
+      label.textContent = text;
+      label.dataset.cause = stall.cause;
+      labelRight = at + 6.2 * text.length;
+    }
+  }
+}
+
+// stacked shares of each second the loop was busy, by cause; broken at gaps like the lines
+function drawCauses(svg) {
+  const h = 90;
+  const { left, right } = GEOM;
+  const top = 6;
+  const bottom = 16;
+  const w = Math.max(320, Math.round(svg.getBoundingClientRect().width) || 720);
+  if (svg.getAttribute("viewBox") !== `0 0 ${w} ${h}`) svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  const end = serverNow();
+  const start = end - HISTORY_S;
+  const pts = state.points.filter((p) => p.t >= start - 5 && p.causes);
+  const x = (t) => left + ((t - start) / HISTORY_S) * (w - left - right);
+  const y = (v) => top + (1 - v) * (h - top - bottom);
+  const desc = svg.querySelector("desc");
+  svg.replaceChildren(desc);
+  for (const v of [0, 0.5, 1]) {
+    svgEl("line", { class: "grid", x1: left, x2: w - right, y1: y(v), y2: y(v) }, svg);
+    svgEl("text", { class: "axis", x: left - 6, y: y(v) + 4, "text-anchor": "end" }, svg)
+      .textContent = `${Math.round(100 * v)}%`;
+  }
+  const gapS = GAP_TICKS * state.tick;
+  const runs = [];
+  for (let i = 0; i < pts.length; i++) {
+    if (i === 0 || pts[i].t - pts[i - 1].t > gapS) runs.push([]);
+    runs[runs.length - 1].push(pts[i]);
+  }
+  for (const run of runs) {
+    let below = run.map(() => 0);
+    for (const cause of CAUSES) {
+      const above = run.map((p, i) => below[i] + Math.min(1, p.causes[cause] || 0));
+      let d = "";
+      run.forEach((p, i) => { d += `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(Math.min(1, above[i])).toFixed(1)}`; });
+      for (let i = run.length - 1; i >= 0; i--) d += `L${x(run[i].t).toFixed(1)},${y(Math.min(1, below[i])).toFixed(1)}`;
+      if (run.length > 1) svgEl("path", { class: `cause-${cause}`, d: `${d}Z` }, svg);
+      below = above;
+    }
+  }
+  const last = pts[pts.length - 1];
+  if (!last) {
+    desc.textContent = "No data yet.";
+  } else {
+    const parts = CAUSES.filter((c) => last.causes[c] > 0.005)
+      .map((c) => `${c} ${(100 * last.causes[c]).toFixed(0)}%`);
+    desc.textContent = `Loop busy in the last second: ${parts.length ? parts.join(", ") : "idle"}.`;
+  }
+  svg.dataset.points = String(pts.length);
+}
+
 function describeLag(pts, gaps) {
   if (!pts.length) return "No data yet.";
   const worst = Math.max(...pts.map((p) => p.lag));
@@ -312,7 +450,8 @@ function describeLoad(pts) {
 
 function renderCharts() {
   drawChart($("lag-chart"), [{ key: "lag", area: true }],
-            { floor: 10, fmt: (v) => fmtMs(v), describe: describeLag });
+            { floor: 10, fmt: (v) => fmtMs(v), describe: describeLag, stalls: true });
+  drawCauses($("cause-chart"));
   drawChart($("load-chart"), [{ key: "open" }, { key: "inflight" }],
             { floor: 4, whole: true, fmt: (v) => String(v), describe: describeLoad });
 }
@@ -407,4 +546,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("burst-form").addEventListener("submit", (event) => event.preventDefault());
   connect();
   setInterval(watchStream, 250);
+  pollTasks();
+  setInterval(pollTasks, TASKS_EVERY_MS);
 });
