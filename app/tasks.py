@@ -41,7 +41,7 @@ routes = web.RouteTableDef()
 MAX_DEPTH = 64  # await chains longer than this are cut (a runaway recursion)
 MAX_LISTED = 1000  # `?detail=1` lists at most this many tasks (`limit`)
 DEFAULT_LISTED = 200
-YIELD_EVERY = 128  # tasks walked between letting go of the GIL
+YIELD_EVERY = 32  # tasks walked between letting go of the GIL (~0.5 ms of walking)
 
 # id(task) -> (weak reference to it, created_by, since when, which clock): a task's origin is
 # read once. Keyed by id, a plain dict: a WeakKeyDictionary makes a weak reference per lookup.
@@ -81,13 +81,15 @@ def await_chain(coro: object) -> list[tuple[object, types.FrameType]]:
     """A coroutine's await chain, outermost first: each suspended coroutine and its frame."""
     chain: list[tuple[object, types.FrameType]] = []
     obj: object = coro
+    coroutine, generator = types.CoroutineType, types.GeneratorType
     for _ in range(MAX_DEPTH):
-        if type(obj) is types.CoroutineType:
-            frame = obj.cr_frame
-            nxt = obj.cr_await
-        elif type(obj) is types.GeneratorType:
-            frame = obj.gi_frame
-            nxt = obj.gi_yieldfrom
+        kind = type(obj)
+        if kind is coroutine:
+            frame = obj.cr_frame  # type: ignore[attr-defined]
+            nxt = obj.cr_await  # type: ignore[attr-defined]
+        elif kind is generator:
+            frame = obj.gi_frame  # type: ignore[attr-defined]
+            nxt = obj.gi_yieldfrom  # type: ignore[attr-defined]
             if nxt is None and frame is not None and frame.f_code.co_flags & _DRIVER:
                 nxt = _driven(obj)
         else:
@@ -124,8 +126,11 @@ def view(task: asyncio.Task[Any], now_perf: float, now_mono: float) -> TaskView:
     known = _origins.get(id(task))
     if known is not None and known[0]() is not task:
         known = None  # that id belonged to a task that is gone
+    kinds = _code_kind
     for obj, frame in chain:
-        kind = _kind(frame.f_code)
+        code = frame.f_code
+        entry = kinds.get(id(code))
+        kind = entry[1] if entry is not None else _kind(code)
         if kind:
             inner = frame
             if kind == 2 and known is None:

@@ -74,7 +74,9 @@ async def test_idle_server_is_idle(loop: str) -> None:
             await eventually(settled, within=20, interval=0.5, what="3 s of samples")
     finally:
         await server.stop()
-    assert util["last_10s"] < 0.05, util
+    # what a busy machine adds (the loop runnable, its turns waiting for a core) is not the
+    # server's own work: reported apart, and left out here
+    assert util["last_10s"] - util["waiting_for_cpu"]["last_10s"] < 0.05, util
     assert util["by_cause"]["gil"] < 0.01, util
 
 
@@ -208,7 +210,9 @@ async def test_a_thousand_awaits_leave_headroom(loop: str) -> None:
     finally:
         await server.stop()
     # the second before all 1,000 were in: their connections, requests and handlers' first steps
-    assert stats["utilization"]["last_1s"] < 0.5, stats["utilization"]
+    # (less what the client beside it on 2 cores cost the loop in turns waiting for a core)
+    util = stats["utilization"]
+    assert util["last_1s"] - util["waiting_for_cpu"]["last_1s"] < 0.5, util
 
 
 def test_a_stall_at_startup_starts_at_zero_not_before() -> None:

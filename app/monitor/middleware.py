@@ -98,7 +98,7 @@ def _drive(
     send_value: Any = None
     error: BaseException | None = None
     status = 500
-    first = started = perf_counter()  # the request's start, and its first step's
+    steps.started = first = started = perf_counter()  # the request's start, its first step's
     try:
         while True:
             steps.step_started = started

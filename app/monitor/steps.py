@@ -17,10 +17,11 @@ from aiohttp import web
 class StepRecord:
     """Timing of one request's steps (perf_counter seconds)."""
 
-    __slots__ = ("max_step", "step_started")
+    __slots__ = ("max_step", "started", "step_started")
 
     def __init__(self) -> None:
         self.max_step = 0.0
+        self.started = 0.0  # the request's start (/tasks reads a request task's age here)
         self.step_started = 0.0  # start of the step running now; 0.0 between steps
 
     def max_step_so_far(self) -> float:

@@ -43,6 +43,7 @@ from app.monitor import frames
 
 CAUSES = ("cpu", "syscall", "gil", "gc", "unknown")
 IDLE = "idle"
+STARVED = "waiting for a CPU"  # the detail of a `cpu` sample whose loop waited for a core
 INTERVAL_S = 0.02
 WINDOW_S = 10.0
 CONTENDED_S = 0.001  # the sampler woke this much late: someone held the GIL
@@ -225,6 +226,7 @@ class UtilizationSampler(Collector):
             self._gc_started = time.monotonic()
             here = inspect.currentframe()
             self._gc_frame = here.f_back if here is not None else None
+            del here  # a frame in its own locals is a reference cycle
             return
         stop = time.monotonic()
         pause = stop - self._gc_started
@@ -331,6 +333,24 @@ class UtilizationSampler(Collector):
         contended: bool,
     ) -> None:
         current = sys._current_frames()
+        try:
+            self._record_from(current, raw, now, elapsed, gc_part, loop_ran, others_ran, contended)
+        finally:
+            # the dict holds this thread's own frame, whose locals hold the dict: a reference
+            # cycle per sample (and other threads' frames kept alive) until a collection
+            current.clear()
+
+    def _record_from(
+        self,
+        current: dict[int, FrameType],
+        raw: bytes,
+        now: float,
+        elapsed: float,
+        gc_part: float,
+        loop_ran: float,
+        others_ran: dict[int, float],
+        contended: bool,
+    ) -> None:
         loop_frame = current.get(self._loop_ident)
         span = max(0.0, elapsed - gc_part)
         cause, detail, thread, frame = self._classify(
@@ -344,7 +364,8 @@ class UtilizationSampler(Collector):
             idle_around = cause == IDLE and self._last_cause == IDLE
             filed = self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
             if filed.cause == "cpu" and cause == "cpu":  # still running: the same code, likely
-                filed = filed._replace(where=where, route=route)
+                t, dt, _, why, _, holder, _, gc_s = filed
+                filed = Sample(t, dt, "cpu", why, where, holder, route, gc_s)
             self._append(filed)
         self._last_cause = cause
         self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
@@ -379,7 +400,7 @@ class UtilizationSampler(Collector):
                 return Sample(at, gap, "gil", holder.name, held, holder.name, None, 0.0)
         # the loop was runnable but had no CPU (a machine busy with other processes): what it
         # would have done is not known, but why it did not is
-        why = "waiting for a CPU" if self._loop_waited >= 0.5 * gap else None
+        why = STARVED if self._loop_waited >= 0.5 * gap else None
         return Sample(at, gap, "unknown", why, None, None, None, 0.0)
 
     def _append(self, sample: Sample) -> None:
@@ -426,7 +447,7 @@ class UtilizationSampler(Collector):
             # runnable is CPU demand; say so when it waited for a core longer than it ran (a
             # machine busy with other processes)
             starved = self._loop_waited > max(loop_ran, 0.0)
-            return "cpu", "waiting for a CPU" if starved else None, self._loop_name, loop_frame
+            return "cpu", STARVED if starved else None, self._loop_name, loop_frame
         return "syscall", "futex", self._loop_name, loop_frame
 
     # reading -----------------------------------------------------------------------------
@@ -446,11 +467,14 @@ class UtilizationSampler(Collector):
         samples = self._snapshot()
         last_1s = self._fractions(samples, now, 1.0)
         last_10s = self._fractions(samples, now, self.window)
+        # of `cpu`, the part the loop was runnable but had no core: the machine's other load
+        starved_1s, starved_10s = last_1s.pop(STARVED), last_10s.pop(STARVED)
         return {
             "last_1s": round(sum(last_1s.values()), 4),
             "last_10s": round(sum(last_10s.values()), 4),
             "by_cause": {c: round(v, 4) for c, v in last_10s.items()},
             "by_cause_1s": {c: round(v, 4) for c, v in last_1s.items()},
+            "waiting_for_cpu": {"last_1s": round(starved_1s, 4), "last_10s": round(starved_10s, 4)},
             "top": self._top(samples, now),
             "samples": self.samples_taken,
             "sampler_cpu_s": self.own_cpu_seconds(),
@@ -486,13 +510,15 @@ class UtilizationSampler(Collector):
     ) -> dict[str, float]:
         horizon = now - window
         span = min(window, now - self._started_at)
-        sums = dict.fromkeys(CAUSES, 0.0)
+        sums = dict.fromkeys((*CAUSES, STARVED), 0.0)
         for s in reversed(samples):
             if s.t <= horizon:
                 break
             inside = min(1.0, (s.t - horizon) / (s.dt + s.gc)) if s.dt + s.gc > 0 else 1.0
             if s.cause != IDLE:
                 sums[s.cause] += s.dt * inside
+                if s.detail == STARVED:
+                    sums[STARVED] += s.dt * inside
             sums["gc"] += s.gc * inside
         return {c: (v / span if span > 0 else 0.0) for c, v in sums.items()}
 
