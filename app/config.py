@@ -36,6 +36,8 @@ class Settings:
     access_log: bool = False
     # seconds the watchdog lets the loop go without running before it logs a stack
     stall_threshold: float = 0.5
+    # mean seconds between the utilisation sampler's looks at the loop thread; 0: no sampler
+    utilization_interval: float = 0.02
     # seconds in-flight requests get to finish after SIGTERM/SIGINT
     grace: float = 30.0
     # reliability limits (docs/reliability.md): every one bounds what a client can hold
@@ -141,6 +143,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "debug": _bool,
     "access_log": _bool,
     "stall_threshold": _float(0.01, 60.0),
+    "utilization_interval": _float(0.0, 10.0),
     "grace": _float(0.0, 600.0),
     "header_timeout": _float(0.0, 3600.0),
     "keepalive_timeout": _float(0.0, 86400.0),
@@ -170,6 +173,8 @@ _HELP: dict[str, str] = {
     "debug": "asyncio debug mode with a slow-callback warning threshold",
     "access_log": "log every request",
     "stall_threshold": "seconds without a loop turn before the watchdog logs the loop's stack",
+    "utilization_interval": "mean seconds between the utilisation sampler's looks at the loop "
+    "thread (0: no sampler, /stats utilization is null)",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
     "header_timeout": "seconds a client gets to send a request's line and headers, from connect or "
     "the request's first byte; then 408 and close (0 = off)",

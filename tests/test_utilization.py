@@ -229,3 +229,14 @@ def test_a_stall_at_startup_starts_at_zero_not_before() -> None:
     assert json.dumps(entry["started_s"]) == "0.0"
     assert entry["cause"] == "unknown"  # no sampler: nothing is guessed
     assert watchdog.recent_stalls() == [entry]
+
+
+async def test_the_sampler_can_be_turned_off() -> None:
+    """`--utilization-interval 0`: no sampler thread, /stats utilization is null."""
+    server = await ServerProcess("--utilization-interval", "0").start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            stats = await _json(session, f"{server.url}/stats")
+    finally:
+        await server.stop()
+    assert stats["utilization"] is None

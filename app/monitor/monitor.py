@@ -24,15 +24,17 @@ from app.monitor.lag import LagSampler
 from app.monitor.middleware import request_middleware
 from app.monitor.process import peak_rss_bytes, rss_bytes
 from app.monitor.route_stats import RouteStats
-from app.monitor.utilization import CAUSES, UtilizationSampler
+from app.monitor.utilization import CAUSES, INTERVAL_S, UtilizationSampler
 from app.monitor.watchdog import StallWatchdog
 
 
 class Monitor:
-    def __init__(self, metrics: Metrics, stall_threshold: float) -> None:
+    def __init__(
+        self, metrics: Metrics, stall_threshold: float, utilization_interval: float = INTERVAL_S
+    ) -> None:
         self.metrics = metrics
         self.lag = LagSampler(observe=self._observe_lag)
-        self.utilization = UtilizationSampler()
+        self.utilization = UtilizationSampler(utilization_interval)
         metrics.registry.register(self.utilization)
         for cause in CAUSES:  # every cause's count exists from the start, at 0
             metrics.stalls.labels(cause=cause)
@@ -92,7 +94,8 @@ class Monitor:
 
 def setup(app: web.Application) -> None:
     """Make the app's monitor, put its middleware first, and run it while the app runs."""
-    monitor = Monitor(Metrics(), app[SETTINGS].stall_threshold)
+    settings = app[SETTINGS]
+    monitor = Monitor(Metrics(), settings.stall_threshold, settings.utilization_interval)
     app[METRICS] = monitor.metrics
     app[MONITOR] = monitor
     app.middlewares.insert(0, monitor.middleware)  # outermost: it times what the others add

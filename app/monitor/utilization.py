@@ -171,7 +171,9 @@ class UtilizationSampler(Collector):
         self.enabled = False
         self.busy_seconds = dict.fromkeys(CAUSES, 0.0)  # since start; gc's from the hook
         self.samples_taken = 0
-        self._samples: deque[Sample] = deque(maxlen=int(window / interval * 2) + 16)
+        self._samples: deque[Sample] = deque(
+            maxlen=int(window / max(interval, INTERVAL_S) * 2) + 16
+        )
         self._gc_windows: deque[GcWindow] = deque(maxlen=64)
         # (start, stop) of the loop thread's recent collections, and how many there have been
         self._gc_loop: deque[tuple[float, float]] = deque(maxlen=512)
@@ -192,7 +194,7 @@ class UtilizationSampler(Collector):
 
     def start(self) -> None:
         """Start sampling the calling thread (call it on the loop thread)."""
-        if self.table is None or not proc_available():
+        if self.interval <= 0 or self.table is None or not proc_available():
             return
         current = threading.current_thread()
         self._loop_ident = threading.get_ident()
