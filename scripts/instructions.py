@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: make `app` and `scripts` importable
     sys.path.insert(0, str(ROOT))
 
-from app.bench.instructions import dump_count, per_request_counts  # noqa: E402
+from app.bench.instructions import SERVE_ARGS, dump_count, per_request_counts  # noqa: E402
 from app.launch import ServerProcess  # noqa: E402
 from scripts.overhead import LOOPS, BenchError, bare_command, lab_command  # noqa: E402
 
@@ -42,11 +42,6 @@ PATHS = ("/healthz", "/await?delay=0")
 # path -> the most loop-lab may add to a bare server's instructions per request
 TARGETS: dict[str, float] = {"/healthz": 0.15, "/await?delay=0": 0.20}
 OTEL_SHARE = 1 / 20  # loop-lab's addition may be at most this share of OpenTelemetry's
-# valgrind runs a server ~50x slower. `--gc tuned` collects on a clock, so it would count 50x:
-# CPython's own collector instead, as the bare servers have it. The utilisation sampler's work
-# grows with how busy the loop is, which the idle rate cannot take out: it looks 50x less often
-# (1 s, not 20 ms), so its looks per request are those of a server at full speed.
-LAB_ARGS = ("--gc", "default", "--utilization-interval", "1.0")
 START_TIMEOUT_S = 900.0  # startup under valgrind: imports, the pools' spawn (minutes if loaded)
 
 
@@ -214,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lab-arg",
         action="append",
         default=None,
-        help="argument for `loop-lab serve` (repeat; default: " + " ".join(LAB_ARGS) + ")",
+        help="argument for `loop-lab serve` (repeat; default: " + " ".join(SERVE_ARGS) + ")",
     )
     return parser
 
@@ -222,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
     if args.lab_arg is None:
-        args.lab_arg = list(LAB_ARGS)
+        args.lab_arg = list(SERVE_ARGS)
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     args.sides = {name.strip() for name in args.sides.split(",") if name.strip()}
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from app.bench.compare import run_order
-from app.bench.instructions import MeterError, dump_count, per_request_counts
+from app.bench.instructions import SERVE_ARGS, MeterError, dump_count, per_request_counts
 from app.bench.results import machine, median, source_version, spread, write_json
 from app.bench.runner import TreeCpu
 from app.bench.wrk import run_wrk
@@ -226,8 +226,7 @@ def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> tuple[d
     """Instructions per request of each saturated path, the server under callgrind, without the
     clock's share (app.bench.instructions.PerRequest); and the idle server's per second.
 
-    `--gc default`, as scripts/instructions.py runs it: `--gc tuned` works on a clock, which
-    counts ~50x under valgrind. The monitor's 20 ms lag sampler still ticks, alike in every cell.
+    Served with app.bench.instructions.SERVE_ARGS, as scripts/instructions.py runs it.
     """
     name = f"looplab-matrix-callgrind-{loop}"
     out = "/tmp/callgrind.out"
@@ -239,7 +238,7 @@ def instructions_in(image: str, loop: LoopName, config: MatrixConfig) -> tuple[d
         config.port + 2,
         name,
         wrapper=valgrind,
-        serve_args=["--gc", "default"],
+        serve_args=SERVE_ARGS,
         within=VALGRIND_START_TIMEOUT_S,
     )
     with under_callgrind as (url, _):
