@@ -336,42 +336,29 @@ class UtilizationSampler(Collector):
     ) -> None:
         current = sys._current_frames()
         try:
-            self._record_from(current, raw, now, elapsed, gc_part, loop_ran, others_ran, contended)
+            loop_frame = current.get(self._loop_ident)
+            span = max(0.0, elapsed - gc_part)
+            cause, detail, thread, frame = self._classify(
+                raw, loop_ran - gc_part, others_ran, contended, loop_frame, current
+            )
+            gap = span - self.interval if span > GAP_INTERVALS * self.interval else 0.0
+            busy_loop = cause not in (IDLE, "gil")
+            route = frames.route_of(loop_frame) if busy_loop else None
+            where = frames.where(frame) if cause != IDLE else None
+            if gap:
+                idle_around = cause == IDLE and self._last_cause == IDLE
+                filed = self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
+                if filed.cause == "cpu" and cause == "cpu":  # still running: the same code, likely
+                    t, dt, _, why, _, holder, _, gc_s = filed
+                    filed = Sample(t, dt, "cpu", why, where, holder, route, gc_s)
+                self._append(filed)
+            self._last_cause = cause
+            self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
+            self.samples_taken += 1
         finally:
             # the dict holds this thread's own frame, whose locals hold the dict: a reference
             # cycle per sample (and other threads' frames kept alive) until a collection
             current.clear()
-
-    def _record_from(
-        self,
-        current: dict[int, FrameType],
-        raw: bytes,
-        now: float,
-        elapsed: float,
-        gc_part: float,
-        loop_ran: float,
-        others_ran: dict[int, float],
-        contended: bool,
-    ) -> None:
-        loop_frame = current.get(self._loop_ident)
-        span = max(0.0, elapsed - gc_part)
-        cause, detail, thread, frame = self._classify(
-            raw, loop_ran - gc_part, others_ran, contended, loop_frame, current
-        )
-        gap = span - self.interval if span > GAP_INTERVALS * self.interval else 0.0
-        busy_loop = cause not in (IDLE, "gil")
-        route = frames.route_of(loop_frame) if busy_loop else None
-        where = frames.where(frame) if cause != IDLE else None
-        if gap:
-            idle_around = cause == IDLE and self._last_cause == IDLE
-            filed = self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
-            if filed.cause == "cpu" and cause == "cpu":  # still running: the same code, likely
-                t, dt, _, why, _, holder, _, gc_s = filed
-                filed = Sample(t, dt, "cpu", why, where, holder, route, gc_s)
-            self._append(filed)
-        self._last_cause = cause
-        self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
-        self.samples_taken += 1
 
     def _gap(
         self,
