@@ -57,7 +57,7 @@ test-python: $(STAMP)
 
 # Claims, saturated throughput (wrk) and 10,000 connections per interpreter x loop, each in its
 # own container, run through docker-compose's `matrix` profile as a user would (docs/matrix.md;
-# about 40 minutes on a quiet machine). matrix-quick is CI's form.
+# about 60 minutes with the callgrind cells). matrix-quick is CI's form (about 5 minutes).
 MATRIX_ARGS ?= --pythons 3.11,3.13,3.14,3.15
 matrix: $(STAMP) system-deps
 	$(BIN)/python -m scripts.matrix_compose $(MATRIX_ARGS) --out results/matrix
