@@ -1,4 +1,4 @@
-"""Instructions per request under valgrind's callgrind: the meter that other load cannot move.
+"""Instructions per request under valgrind's callgrind: a meter that other load hardly moves.
 
 A shared VM's rps swings 10-30% between rounds; the instructions a server executes for a request
 do not. The server runs under callgrind; after warm-up, each path gets a batch of N1 and a batch of
