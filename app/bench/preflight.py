@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from app.guard import fd_reserve
+from app.server import somaxconn
 
 # Measured figures this plan rests on (docs/benchmarks.md says where each was measured):
 # server RSS per connection under `loop-lab bench`: 12.4-13.4 KB ("Scaling with concurrency"),
@@ -70,20 +71,12 @@ class Machine:
             nofile_hard=int(hard),
             nofile_soft=int(soft if soft != resource.RLIM_INFINITY else hard),
             port_range=_port_range(),
-            somaxconn=_read_int("/proc/sys/net/core/somaxconn"),
+            somaxconn=somaxconn(),
             mem_available_mb=_mem_available_mb(),
             cpus=os.cpu_count() or 1,
             time_wait=_time_wait(),
             listen_drops=_tcp_ext("ListenDrops"),
         )
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _port_range() -> tuple[int, int]:
