@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.launch import eventually
+
 LAG_METRIC = "looplab_loop_lag_seconds"
 
 
@@ -196,27 +198,29 @@ class WorkerSamplers:
 
     async def discover(self, within: float = 60.0) -> dict[int, StatsSampler]:
         """Connect until each worker has answered (every worker is then serving)."""
-        deadline = time.monotonic() + within
-        while len(self.by_pid) < self.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(self.by_pid)} of {self.workers} workers answered /stats within "
-                    f"{within:g} s ({self.tries} connections)"
-                )
+
+        async def one_more_answered() -> bool:
             self.tries += 1
             sampler = await StatsSampler(self.url, self.interval).__aenter__()
             try:
                 pid = int((await sampler.sample()).stats["pid"])
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                pid = None  # a worker still starting: try again shortly
+            if pid is None or pid in self.by_pid:
                 await sampler.__aexit__(None)
-                await asyncio.sleep(0.05)  # a worker still starting: try again shortly
-                continue
-            if pid in self.by_pid:
-                await sampler.__aexit__(None)
-                continue
-            sampler.expect_pid = pid
-            sampler.samples.clear()
-            self.by_pid[pid] = sampler
+            else:
+                sampler.expect_pid = pid
+                sampler.samples.clear()
+                self.by_pid[pid] = sampler
+            return len(self.by_pid) >= self.workers
+
+        try:
+            await eventually(one_more_answered, within=within, interval=0.01)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{len(self.by_pid)} of {self.workers} workers answered /stats within "
+                f"{within:g} s ({self.tries} connections)"
+            ) from None
         return self.by_pid
 
     @property
