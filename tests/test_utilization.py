@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import MONITOR
 from app.launch import ServerProcess, ServerThread, eventually
+from app.loops import LOOP_NAMES
 from app.monitor.utilization import SYSCALLS, proc_available
 from app.monitor.watchdog import StallWatchdog
 
@@ -58,26 +59,32 @@ def test_syscall_table_covers_both_architectures() -> None:
         assert {"epoll_pwait", "epoll_pwait2", "ppoll"} <= {table.names[n] for n in table.selector}
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-async def test_idle_server_is_idle(loop: str) -> None:
-    """An idle server (its own process, nothing else in it) stays under 0.05, no GIL share."""
-    server = await ServerProcess("--loop", loop).start()
+async def test_idle_server_is_idle() -> None:
+    """An idle server (its own process, nothing else in it) stays under 0.05 over its last 10 s
+    (start-up out of the window), no GIL share; both loops side by side."""
+    servers = await asyncio.gather(*(ServerProcess("--loop", loop).start() for loop in LOOP_NAMES))
     try:
         async with aiohttp.ClientSession() as session:
-            util: dict[str, Any] = {}
 
-            async def settled() -> bool:  # three seconds of sampling an idle loop
-                stats = await _json(session, f"{server.url}/stats")
-                util.update(stats["utilization"])
-                return bool(stats["utilization"]["samples"] > 150)
+            async def idle_for_10s(server: ServerProcess) -> dict[str, Any]:
+                util: dict[str, Any] = {}
 
-            await eventually(settled, within=20, interval=0.5, what="3 s of samples")
+                async def settled() -> bool:  # 10 s of sampling: start-up has left the window
+                    stats = await _json(session, f"{server.url}/stats")
+                    util.update(stats["utilization"])
+                    return bool(stats["utilization"]["samples"] > 11 * 50)
+
+                await eventually(settled, within=40, interval=1.0, what="10 s of samples")
+                return util
+
+            utils = await asyncio.gather(*(idle_for_10s(server) for server in servers))
     finally:
-        await server.stop()
-    # what a busy machine adds (the loop runnable, its turns waiting for a core) is not the
-    # server's own work: reported apart, and left out here
-    assert util["last_10s"] - util["waiting_for_cpu"]["last_10s"] < 0.05, util
-    assert util["by_cause"]["gil"] < 0.01, util
+        await asyncio.gather(*(server.stop() for server in servers))
+    for util in utils:
+        # what a busy machine adds (the loop runnable, its turns waiting for a core) is not the
+        # server's own work: reported apart, and left out here
+        assert util["last_10s"] - util["waiting_for_cpu"]["last_10s"] < 0.05, util
+        assert util["by_cause"]["gil"] < 0.01, util
 
 
 async def test_block_is_syscall_at_blocking_py(server: ServerThread) -> None:
@@ -102,7 +109,8 @@ async def test_block_is_syscall_at_blocking_py(server: ServerThread) -> None:
 async def test_cpu_inline_is_cpu_at_cpu_py(server: ServerThread) -> None:
     """/cpu?via=inline with a large n is cpu, and its stall names app/cpu.py."""
     async with aiohttp.ClientSession() as session:
-        burn = asyncio.create_task(_json(session, f"{server.url}/cpu?via=inline&n=10000000"))
+        # about a second on a quiet core: /stats (queued behind it) then sees a loop busy all along
+        burn = asyncio.create_task(_json(session, f"{server.url}/cpu?via=inline&n=20000000"))
         await eventually(lambda: _in_flight(server, "/cpu"), within=5, what="/cpu running")
         stats = await _json(session, f"{server.url}/stats")
         answer = await burn
@@ -115,7 +123,8 @@ async def test_cpu_inline_is_cpu_at_cpu_py(server: ServerThread) -> None:
     assert stall["where"].startswith("app/cpu.py:"), stall
     assert stall["route"] == "/cpu"
     assert metrics[("looplab_loop_stalls_total", "cpu")] >= 1
-    assert metrics[("looplab_loop_busy_seconds_total", "cpu")] > 0.5
+    # the burn's own step is counted as cpu time
+    assert metrics[("looplab_loop_busy_seconds_total", "cpu")] > 0.8 * answer["max_step_ms"] / 1000
     assert 0 < metrics[("looplab_loop_utilization", "")] <= 1
 
 

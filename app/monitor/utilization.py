@@ -2,8 +2,8 @@
 
 Busy is every moment the loop thread is not waiting in its selector (epoll_wait and kin). Each
 sample reads the loop thread's current system call (`/proc/self/task/<tid>/syscall`: a number, or
-`running`) and CPU time (`.../schedstat`), every Python thread's CPU time, and the Python frames
-of all threads, and files the time since the previous sample under one cause:
+`running`) and CPU time (`.../schedstat`), every Python thread's CPU time (its CPU clock), and the
+Python frames of all threads, and files the time since the previous sample under one cause:
 
 - `idle`: in the selector. `syscall`: in another blocking call (named: clock_nanosleep for
   `time.sleep`, read, recvfrom, connect...). `cpu`: running Python (or C) code.
@@ -132,9 +132,13 @@ def _read(fd: int) -> bytes:
     return os.pread(fd, 512, 0)
 
 
-def _runtime(fd: int) -> float:
-    """CPU seconds of a thread from its schedstat (first field, nanoseconds)."""
-    return int(_read(fd).split(maxsplit=1)[0]) / 1e9
+def thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds of one thread of this process, by its kernel id; OSError once it has ended.
+
+    Linux's per-thread CPU clock (MAKE_THREAD_CPUCLOCK in the kernel's posix-timers.h): one
+    system call, no file held open per thread, and an unknown or ended id is an error, not a crash.
+    """
+    return time.clock_gettime((~native_id << 3) | 6)
 
 
 def _overlap(windows: tuple[tuple[float, float], ...], start: float, end: float) -> float:
@@ -252,8 +256,8 @@ class UtilizationSampler(Collector):
         base = f"/proc/self/task/{self._loop_tid}"
         syscall_fd = os.open(f"{base}/syscall", os.O_RDONLY)
         sched_fd = os.open(f"{base}/schedstat", os.O_RDONLY)
-        # native id -> (schedstat fd, CPU seconds, when read): read only when a sample needs it
-        others: dict[int, tuple[int, float, float]] = {}
+        # native id -> (CPU seconds, when read): read only when a sample needs it
+        others: dict[int, tuple[float, float]] = {}
         selector = self.table.selector if self.table is not None else frozenset()
         jitter = random.Random().random
         try:
@@ -289,13 +293,11 @@ class UtilizationSampler(Collector):
         except OSError:
             self.enabled = False  # the loop thread is gone (shutdown): nothing left to sample
         finally:
-            for fd, _, _ in others.values():
-                os.close(fd)
             os.close(syscall_fd)
             os.close(sched_fd)
 
     def _other_runtimes(
-        self, others: dict[int, tuple[int, float, float]], now: float, elapsed: float
+        self, others: dict[int, tuple[float, float]], now: float, elapsed: float
     ) -> Iterable[tuple[int, float]]:
         """CPU seconds each other Python thread ran per `elapsed`, at its rate since last read.
 
@@ -307,22 +309,18 @@ class UtilizationSampler(Collector):
             if tid is None or tid == self._loop_tid or tid == self.native_id:
                 continue
             seen.add(tid)
-            entry = others.get(tid)
             try:
-                if entry is None:
-                    fd = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
-                    others[tid] = (fd, _runtime(fd), now)
-                    continue
-                fd, last, then = entry
-                run = _runtime(fd)
+                run = thread_cpu_seconds(tid)
             except OSError:
                 continue  # the thread ended between enumerate() and the read
-            others[tid] = (fd, run, now)
-            if now > then:
+            entry = others.get(tid)
+            others[tid] = (run, now)
+            if entry is not None and now > entry[1]:
+                last, then = entry
                 yield tid, (run - last) / (now - then) * elapsed
         for tid in list(others):
             if tid not in seen:
-                os.close(others.pop(tid)[0])
+                del others[tid]
 
     def _record(
         self,
@@ -474,8 +472,7 @@ class UtilizationSampler(Collector):
         if self.native_id is None:
             return None
         try:
-            with open(f"/proc/self/task/{self.native_id}/schedstat", "rb") as f:
-                return round(int(f.read().split()[0]) / 1e9, 4)
+            return round(thread_cpu_seconds(self.native_id), 4)
         except OSError:
             return None
 
