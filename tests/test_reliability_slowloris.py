@@ -59,7 +59,9 @@ async def test_2000_stalled_connections_are_cut_and_probe_stays_fast(loop_name: 
     raise_nofile_limit()
     stalled: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     with running_server(
-        loop_name, header_timeout=STALLED_HEADER_TIMEOUT, keepalive_timeout=3 * STALLED_HEADER_TIMEOUT
+        loop_name,
+        header_timeout=STALLED_HEADER_TIMEOUT,
+        keepalive_timeout=3 * STALLED_HEADER_TIMEOUT,
     ) as running:
         assert running.server is not None
         port = running.server.port
