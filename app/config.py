@@ -36,6 +36,8 @@ class Settings:
     access_log: bool = False
     # seconds the watchdog lets the loop go without running before it logs a stack
     stall_threshold: float = 0.5
+    # seconds between the lag sampler's ticks (also the watchdog's heartbeat)
+    lag_interval: float = 0.02
     # mean seconds between the utilisation sampler's looks at the loop thread; 0: no sampler
     utilization_interval: float = 0.02
     # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -143,6 +145,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "debug": _bool,
     "access_log": _bool,
     "stall_threshold": _float(0.01, 60.0),
+    "lag_interval": _float(0.001, 10.0),
     "utilization_interval": _float(0.0, 10.0),
     "grace": _float(0.0, 600.0),
     "header_timeout": _float(0.0, 3600.0),
@@ -173,6 +176,8 @@ _HELP: dict[str, str] = {
     "debug": "asyncio debug mode with a slow-callback warning threshold",
     "access_log": "log every request",
     "stall_threshold": "seconds without a loop turn before the watchdog logs the loop's stack",
+    "lag_interval": "seconds between the lag sampler's ticks, the watchdog's heartbeat (keep it "
+    "under --stall-threshold)",
     "utilization_interval": "mean seconds between the utilisation sampler's looks at the loop "
     "thread (0: no sampler, /stats utilization is null)",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
@@ -257,4 +262,11 @@ def build_settings(
             values[f.name] = _PARSERS[f.name](raw)
         except ValueError as exc:
             raise SettingError(f"invalid setting {source}: {exc}") from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.lag_interval >= settings.stall_threshold:
+        # the watchdog sees the loop turn only at lag ticks: a slower tick is a stall to it
+        raise SettingError(
+            f"invalid setting --lag-interval: must be below --stall-threshold"
+            f" ({settings.stall_threshold:g}), got {settings.lag_interval:g}"
+        )
+    return settings

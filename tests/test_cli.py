@@ -85,6 +85,9 @@ def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         (["--workers", "0"], {}, "--workers"),
         ([], {"LOOP_LAB_BACKLOG": "-5"}, "LOOP_LAB_BACKLOG"),
         ([], {"LOOP_LAB_DEBUG": "maybe"}, "LOOP_LAB_DEBUG"),
+        (["--lag-interval", "0"], {}, "--lag-interval"),
+        # the watchdog's heartbeat is the lag tick: one slower than the threshold is a stall
+        (["--lag-interval", "1", "--stall-threshold", "0.5"], {}, "--stall-threshold (0.5)"),
     ],
 )
 def test_bad_setting_is_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:

@@ -19,11 +19,20 @@ from dataclasses import dataclass
 
 WARMUP = 200  # requests per path before the first batch: first-use caches are not per request
 IDLE_S = 5.0  # seconds of no requests, to see what the server does on a clock
-# `loop-lab serve` under valgrind, which runs it ~50x slower. `--gc tuned` collects on a clock,
-# so it would count 50x: CPython's own collector instead, as bare servers have it. The
-# utilisation sampler does more per look while the loop is busy, which the idle rate cannot take
-# out: it looks 50x less often (1 s, not 20 ms), so its looks per request are those at full speed.
-SERVE_ARGS = ("--gc", "default", "--utilization-interval", "1.0")
+# `loop-lab serve` under valgrind, which runs it ~50x slower: every clock runs 50x slower too, so
+# its work per request is what it is at full speed. `--gc tuned` collects on a clock: CPython's
+# own collector instead, as bare servers have it; the utilisation sampler and the lag sampler
+# every 1 s, not 20 ms; the watchdog checks every 6.25 s (a quarter of the threshold), not 125 ms.
+SERVE_ARGS = (
+    "--gc",
+    "default",
+    "--utilization-interval",
+    "1.0",
+    "--lag-interval",
+    "1.0",
+    "--stall-threshold",
+    "25",
+)
 
 _SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from app.percentiles import percentile
 
+LAG_INTERVAL_S = 0.02  # 50 ticks a second: 500 lags in the 10 s window behind p99
+
 
 @dataclass(frozen=True, slots=True)
 class LagSummary:
@@ -32,7 +34,7 @@ class LagSampler:
 
     def __init__(
         self,
-        interval: float = 0.02,
+        interval: float = LAG_INTERVAL_S,
         window: float = 10.0,
         observe: Callable[[float], None] | None = None,
     ) -> None:

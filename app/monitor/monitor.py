@@ -20,7 +20,7 @@ from app.loops import LoopName, loop_name
 from app.metrics import LiveValues, Metrics
 from app.monitor.accept import AcceptMonitor
 from app.monitor.connections import ConnectionTracker
-from app.monitor.lag import LagSampler
+from app.monitor.lag import LAG_INTERVAL_S, LagSampler
 from app.monitor.middleware import request_middleware
 from app.monitor.process import peak_rss_bytes, rss_bytes
 from app.monitor.route_stats import RouteStats
@@ -30,10 +30,14 @@ from app.monitor.watchdog import StallWatchdog
 
 class Monitor:
     def __init__(
-        self, metrics: Metrics, stall_threshold: float, utilization_interval: float = INTERVAL_S
+        self,
+        metrics: Metrics,
+        stall_threshold: float,
+        utilization_interval: float = INTERVAL_S,
+        lag_interval: float = LAG_INTERVAL_S,
     ) -> None:
         self.metrics = metrics
-        self.lag = LagSampler(observe=self._observe_lag)
+        self.lag = LagSampler(lag_interval, observe=self._observe_lag)
         self.utilization = UtilizationSampler(utilization_interval)
         metrics.registry.register(self.utilization)
         for cause in CAUSES:  # every cause's count exists from the start, at 0
@@ -95,7 +99,9 @@ class Monitor:
 def setup(app: web.Application) -> None:
     """Make the app's monitor, put its middleware first, and run it while the app runs."""
     settings = app[SETTINGS]
-    monitor = Monitor(Metrics(), settings.stall_threshold, settings.utilization_interval)
+    monitor = Monitor(
+        Metrics(), settings.stall_threshold, settings.utilization_interval, settings.lag_interval
+    )
     app[METRICS] = monitor.metrics
     app[MONITOR] = monitor
     app.middlewares.insert(0, monitor.middleware)  # outermost: it times what the others add
