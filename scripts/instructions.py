@@ -7,10 +7,10 @@ batch of N2 keep-alive requests over C connections, and after each batch callgri
 dump (`callgrind_control --dump`), which holds the instructions since the one before: (batch N2 -
 batch N1) / (N2 - N1) is one request, the dumps and the idle moments between batches cancelled out.
 
-Under valgrind a server runs ~50x slower, so work done on a clock rather than per request counts
-~50x too heavily: loop-lab runs with `--gc default` (CPython's own collector, as the bare servers
-have it) unless told otherwise; its 20 ms lag sampler still counts, so read its figure as an
-upper bound.
+Under valgrind a server runs ~50x slower, so work done on a clock rather than per request would
+count ~50x too heavily: loop-lab runs with its clocks slowed 50x to match and `--gc default`
+(CPython's own collector, as the bare servers have it) unless told otherwise
+(app.bench.instructions.SERVE_ARGS); what a clock still does per idle second is printed apart.
 
     python scripts/instructions.py --loops asyncio,uvloop
 
