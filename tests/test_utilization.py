@@ -60,8 +60,7 @@ def test_syscall_table_covers_both_architectures() -> None:
 
 
 async def test_idle_server_is_idle() -> None:
-    """An idle server (its own process, nothing else in it) stays under 0.05 over its last 10 s
-    (start-up out of the window), no GIL share; both loops side by side."""
+    """An idle server's last 10 s (start-up out of the window) stay under 0.05, no GIL share."""
     servers = await asyncio.gather(*(ServerProcess("--loop", loop).start() for loop in LOOP_NAMES))
     try:
         async with aiohttp.ClientSession() as session:
