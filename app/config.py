@@ -10,6 +10,8 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from app.loops import LOOP_NAMES, LoopName
+from app.monitor.lag import LAG_INTERVAL_S
+from app.monitor.utilization import INTERVAL_S as UTILIZATION_INTERVAL_S
 
 ENV_PREFIX = "LOOP_LAB_"
 
@@ -37,9 +39,9 @@ class Settings:
     # seconds the watchdog lets the loop go without running before it logs a stack
     stall_threshold: float = 0.5
     # seconds between the lag sampler's ticks (also the watchdog's heartbeat)
-    lag_interval: float = 0.02
+    lag_interval: float = LAG_INTERVAL_S
     # mean seconds between the utilisation sampler's looks at the loop thread; 0: no sampler
-    utilization_interval: float = 0.02
+    utilization_interval: float = UTILIZATION_INTERVAL_S
     # seconds in-flight requests get to finish after SIGTERM/SIGINT
     grace: float = 30.0
     # reliability limits (docs/reliability.md): every one bounds what a client can hold
