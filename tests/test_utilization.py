@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.keys import MONITOR
 from app.launch import ServerProcess, ServerThread, eventually, running_server
 from app.loops import LOOP_NAMES, LoopName
-from app.monitor.utilization import SYSCALLS, proc_available
+from app.monitor.utilization import SYSCALLS, Sample, explain, proc_available
 from app.monitor.watchdog import StallWatchdog
 
 pytestmark = pytest.mark.skipif(not proc_available(), reason="needs Linux /proc per-thread files")
@@ -57,6 +57,20 @@ def test_syscall_table_covers_both_architectures() -> None:
         assert table.futex in table.names
         assert "clock_nanosleep" in table.names.values()
         assert {"epoll_pwait", "epoll_pwait2", "ppoll"} <= {table.names[n] for n in table.selector}
+
+
+def test_a_stall_names_the_line_most_samples_saw() -> None:
+    """A gap the sampler could not see into names no line; the line most samples saw is named."""
+    burn = [
+        Sample(0.1 + i * 0.005, 0.005, "cpu", None, "app/cpu.py:24", "l", "/cpu", 0.0)
+        for i in range(60)
+    ]
+    gap = Sample(0.995, 0.6, "cpu", None, None, "l", None, 0.0)
+    after = Sample(1.0, 0.005, "cpu", None, "app/launch.py:235", "l", None, 0.0)
+    told = explain([*burn, gap, after], [], 0.0, 1.0)
+    assert (told.cause, told.where, told.route) == ("cpu", "app/cpu.py:24", "/cpu")
+    longer = after._replace(t=1.05, dt=0.05)  # longer than any one burn sample, shorter than all
+    assert explain([*burn, longer], [], 0.0, 1.1).where == "app/cpu.py:24"
 
 
 async def test_idle_server_is_idle() -> None:

@@ -186,6 +186,7 @@ class UtilizationSampler(Collector):
         self._gc_frame: FrameType | None = None
         self._loop_ident = 0
         self._last_cause = IDLE
+        self._last_where: str | None = None
         self._loop_waited = 0.0  # seconds the loop thread was runnable without a CPU, last interval
         self._loop_tid = 0
         self._loop_name = ""
@@ -346,11 +347,14 @@ class UtilizationSampler(Collector):
             if gap:
                 idle_around = cause == IDLE and self._last_cause == IDLE
                 filed = self._gap(now, gap, loop_ran - gc_part, others_ran, idle_around, current)
-                if filed.cause == "cpu" and cause == "cpu":  # still running: the same code, likely
+                # still running, and in the same code at both ends of the gap: that code
+                same_code = where is not None and where == self._last_where
+                if filed.cause == "cpu" and cause == "cpu" and same_code:
                     t, dt, _, why, _, holder, _, gc_s = filed
                     filed = Sample(t, dt, "cpu", why, where, holder, route, gc_s)
                 self._append(filed)
             self._last_cause = cause
+            self._last_where = where
             self._append(Sample(now, span - gap, cause, detail, where, thread, route, gc_part))
             self.samples_taken += 1
         finally:
@@ -510,30 +514,7 @@ class UtilizationSampler(Collector):
 
     def explain(self, start: float, end: float) -> Explanation:
         """The cause that took most of [start, end] (monotonic) and the code behind it."""
-        weights = dict.fromkeys(CAUSES, 0.0)
-        best: dict[str, tuple[float, Sample | GcWindow]] = {}
-        for s in self._snapshot():
-            overlap = min(s.t, end) - max(s.t - s.dt, start)
-            if overlap <= 0 or s.cause == IDLE:
-                continue
-            weights[s.cause] += overlap
-            if overlap > best.get(s.cause, (0.0, s))[0]:
-                best[s.cause] = (overlap, s)
-        for w in tuple(self._gc_windows):
-            overlap = min(w.stop, end) - max(w.start, start)
-            if overlap > 0:
-                weights["gc"] += overlap
-                # the sampler cannot run during a collection: what it could not see is this
-                weights["unknown"] = max(0.0, weights["unknown"] - overlap)
-                if overlap > best.get("gc", (0.0, w))[0]:
-                    best["gc"] = (overlap, w)
-        cause = max(CAUSES, key=lambda c: weights[c])
-        if weights[cause] <= 0:
-            return Explanation("unknown", None, None, None, None)
-        evidence = best[cause][1]
-        if isinstance(evidence, GcWindow):
-            return Explanation("gc", evidence.where, evidence.thread, evidence.route, None)
-        return Explanation(cause, evidence.where, evidence.thread, evidence.route, evidence.detail)
+        return explain(self._snapshot(), tuple(self._gc_windows), start, end)
 
     def collect(self) -> Iterable[Metric]:
         if not self.enabled:
@@ -560,3 +541,39 @@ def _thread_named(native_id: int) -> threading.Thread | None:
         if thread.native_id == native_id:
             return thread
     return None
+
+
+def explain(
+    samples: Iterable[Sample], gc_windows: Iterable[GcWindow], start: float, end: float
+) -> Explanation:
+    """The cause that took most of [start, end] and the place that took most of that cause.
+
+    Places are summed over samples, and a known place comes before an unknown one: a gap the
+    sampler could not see into names no line, and must not hide the line every other sample saw.
+    """
+    weights = dict.fromkeys(CAUSES, 0.0)
+    places: dict[str, dict[tuple[str | None, str | None, str | None, str | None], float]] = {
+        c: {} for c in CAUSES
+    }
+    for s in samples:
+        overlap = min(s.t, end) - max(s.t - s.dt, start)
+        if overlap <= 0 or s.cause == IDLE:
+            continue
+        weights[s.cause] += overlap
+        key = (s.where, s.thread, s.route, s.detail)
+        places[s.cause][key] = places[s.cause].get(key, 0.0) + overlap
+    for w in gc_windows:
+        overlap = min(w.stop, end) - max(w.start, start)
+        if overlap > 0:
+            weights["gc"] += overlap
+            # the sampler cannot run during a collection: what it could not see is this
+            weights["unknown"] = max(0.0, weights["unknown"] - overlap)
+            key = (w.where, w.thread, w.route, None)
+            places["gc"][key] = places["gc"].get(key, 0.0) + overlap
+    cause = max(CAUSES, key=lambda c: weights[c])
+    if weights[cause] <= 0:
+        return Explanation("unknown", None, None, None, None)
+    # a known place before an unknown one, then the one with the most time
+    ranked = places[cause]
+    where, thread, route, detail = max(ranked, key=lambda k: (k[0] is not None, ranked[k]))
+    return Explanation(cause, where, thread, route, detail)
