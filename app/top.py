@@ -113,7 +113,10 @@ def _groups(tasks: dict[str, Any] | None) -> Table:
             f"{group['oldest_s']:.1f}",
             str(group["created_by"]),
         )
-    table.caption = f"{tasks.get('total', 0)} tasks; walked in {tasks.get('build_ms', 0):.0f} ms"
+    table.caption = (
+        f"{tasks.get('total', 0)} tasks; walked in {tasks.get('build_ms', 0):.0f} ms"
+        f" ({tasks.get('ended', 0)} ended meanwhile)"
+    )
     return table
 
 

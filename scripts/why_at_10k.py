@@ -69,6 +69,7 @@ async def measure(
                             "top_count": top["count"] if top else 0,
                             "top_where": top["where"] if top else None,
                             "total": tasks["total"],
+                            "ended": tasks.get("ended", 0),
                             "build_ms": tasks["build_ms"],
                             "loop_ms": tasks["loop_ms"],
                             "utilization_10s": after["utilization"]["last_10s"],
@@ -104,6 +105,14 @@ async def measure(
             )
             if with_tasks
             else None,
+            # the same, with the tasks that ended before the walk reached them counted back in
+            "worst_count_error_with_ended": max(
+                (abs(p["top_count"] + p["ended"] - p["in_flight"]) / p["in_flight"] for p in polls),
+                default=None,
+            )
+            if with_tasks
+            else None,
+            "ended_max": max((p["ended"] for p in polls), default=None),
             "top_where": polls[-1]["top_where"] if polls else None,
             "utilization_10s_median": med("utilization_10s"),
         },

@@ -48,6 +48,7 @@ async def test_tasks_group_waiting_requests_at_their_line(server: ServerThread) 
     assert top["oldest_s"] > 0
     assert body["summary"] == f"{IN_FLIGHT} tasks at {top['where']} `{top['line']}`"
     assert body["total"] >= IN_FLIGHT
+    assert body["ended"] == 0  # every task waits: none ends before the walk reaches it
     counts = [group["count"] for group in body["groups"]]
     assert counts == sorted(counts, reverse=True)  # largest groups first
     listed = detail["tasks"]
