@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import MONITOR
 from app.launch import ServerProcess, ServerThread, eventually, running_server
 from app.loops import LOOP_NAMES, LoopName
+from app.monitor.frames import request_route
 from app.monitor.utilization import SYSCALLS, Sample, explain, proc_available
 from app.monitor.watchdog import StallWatchdog
 
@@ -272,3 +275,11 @@ async def test_the_sampler_can_be_turned_off() -> None:
     finally:
         await server.stop()
     assert stats["utilization"] is None
+
+
+def test_a_request_not_routed_yet_has_no_route() -> None:
+    """A sampled frame holding a request the router has not seen (the guard screens heads first)
+    gives no route, and no exception that would end the sampler's thread."""
+    request = make_mocked_request("CONNECT", "/")
+    request._match_info = None  # as aiohttp makes a request, before routing it
+    assert request_route(sys._getframe()) is None

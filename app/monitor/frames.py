@@ -83,7 +83,10 @@ def route_of(frame: FrameType | None) -> str | None:
 def request_route(frame: FrameType) -> str | None:
     """The canonical route of a `request` local of `frame`, if it holds an aiohttp request."""
     request = frame.f_locals.get("request")
-    if isinstance(request, web.Request):
+    if not isinstance(request, web.Request):
+        return None
+    try:
         resource = request.match_info.route.resource
-        return resource.canonical if resource is not None else None
-    return None
+    except (AssertionError, AttributeError):  # not routed yet (the guard screens heads first)
+        return None
+    return resource.canonical if resource is not None else None
