@@ -27,10 +27,10 @@ SERVER_KB_PER_CONNECTION = 13.5
 # locust (FastHttpUser) RSS per user, master + workers, bases included: 32.5-33.2 KB at 19,000
 # users in 2 processes, 39.2 KB in 4 ("To the limits"); the highest, rounded up
 LOCUST_KB_PER_USER = 40.0
-# CPU per request at 19,000 users and 10 s delay ("To the limits", the run with 4 locust
-# processes): server 0.42 ms, locust 1.3 ms (4 processes at 29% of a core for 122,515 requests)
-SERVER_CPU_MS_PER_REQUEST = 0.42
-LOCUST_CPU_MS_PER_REQUEST = 1.3
+# CPU per request at 19,000 users and 10 s delay on a quiet machine ("To the limits"): server
+# 0.16-0.18 ms, locust 0.36-0.41 ms; the higher of each (a shared machine measured 2-3x these)
+SERVER_CPU_MS_PER_REQUEST = 0.18
+LOCUST_CPU_MS_PER_REQUEST = 0.41
 PROCESS_BASE_MB = 60.0  # one idle server worker (57.7 MB) or locust process ("To the limits")
 SERVER_FDS_AT_START = 64  # listening socket, pools, pipes, logs: the fds a server holds idle
 LOCUST_FDS_AT_START = 128  # locust's own files, zmq sockets to the master, pipes
