@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from app.bench.report import bench_report, load_generator_note
+from app.bench.results import load_end
 from app.bench.runner import auto_processes, cpu_warnings
 from app.bench.sampler import parse_lag_histogram
 from app.cli import main
@@ -334,3 +335,9 @@ def test_workers_each_report_their_own_stats_and_the_server_block_sums_them(
         for line in (tmp_path / "server_stats.jsonl").read_text().splitlines()
     }
     assert stats_pids == {w["pid"] for w in workers}
+
+
+def test_the_load_ends_when_locusts_run_time_is_up() -> None:
+    """Requests that finish while locust stops its users end after the load, not within it."""
+    assert load_end(1_000.0 + 312.0, locust_started=1_000.0, duration_s=300.0) == 1_300.0
+    assert load_end(1_000.0 + 250.0, locust_started=1_000.0, duration_s=300.0) == 1_250.0

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,14 @@ from app.bench.plots import RunPlots
 from app.bench.preflight import Machine, Plan, plan_run
 from app.bench.progress import BenchProgress
 from app.bench.report import bench_report
-from app.bench.results import PROBE_NAME, ServerRun, build_result, source_version, write_json
+from app.bench.results import (
+    PROBE_NAME,
+    ServerRun,
+    build_result,
+    load_end,
+    source_version,
+    write_json,
+)
 from app.bench.runner import LocustCommand, auto_processes, lab_server, run_locust
 from app.bench.sampler import ServerSample, WorkerSamplers
 from app.launch import ServerProcess
@@ -161,6 +169,7 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
                 progress.status(f"locust: {processes} process(es), ramping up")
                 progress.load_started()
                 samplers.start()
+                locust_started = time.time()
                 locust = await run_locust(
                     command,
                     env,
@@ -210,8 +219,9 @@ async def run_bench(config: BenchConfig) -> BenchOutcome:
         "command": list(config.command),
         "locust_command": command.argv(0 if processes > 1 else None),
     }
+    ended = load_end(log.span()[1], locust_started, config.duration_s)
     runs = [
-        ServerRun(base, seen, fresh=server is not None, cpu_s=cpu, load_end=log.span()[1])
+        ServerRun(base, seen, fresh=server is not None, cpu_s=cpu, load_end=ended)
         for base, seen, cpu in zip(baselines, during, cpu_s, strict=True)
     ]
     locust_users = config.users

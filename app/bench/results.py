@@ -40,6 +40,12 @@ def lag_block(histogram: LagHistogram | None, window_max_ms: float | None) -> di
     }
 
 
+def load_end(last_request_end: float, locust_started: float, duration_s: float) -> float:
+    """When the load ended: locust's run time is up, though its users still finish requests
+    while it stops them (at 100,000 users for ~12 s, while the server drops their connections)."""
+    return min(last_request_end, locust_started + duration_s)
+
+
 @dataclass(frozen=True)
 class ServerRun:
     """What the bench saw of the server: a baseline before the load, then samples during it."""
@@ -48,7 +54,7 @@ class ServerRun:
     during: Sequence[ServerSample]  # taken after locust started, the last one after it stopped
     fresh: bool  # started by this bench (so its all-time peak belongs to this run)
     cpu_s: float | None  # CPU the server process used during the load, if local
-    load_end: float  # epoch of the last completed request; later samples saw only the teardown
+    load_end: float  # epoch the load ended (`load_end()`); later samples saw only the teardown
 
     def under_load(self) -> list[ServerSample]:
         return [s for s in self.during if s.t <= self.load_end]
