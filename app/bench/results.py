@@ -41,8 +41,8 @@ def lag_block(histogram: LagHistogram | None, window_max_ms: float | None) -> di
 
 
 def load_end(last_request_end: float, locust_started: float, duration_s: float) -> float:
-    """When the load ended: locust's run time is up, though its users still finish requests
-    while it stops them (at 100,000 users for ~12 s, while the server drops their connections)."""
+    """When the load ended: when locust's run time is up. Its users still finish requests while
+    it stops them, and those seconds, in which the server drops every connection, are teardown."""
     return min(last_request_end, locust_started + duration_s)
 
 
