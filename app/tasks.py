@@ -33,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from app.monitor import frames
+from app.monitor.middleware import UNMATCHED
 from app.monitor.steps import STEPS
 from app.params import int_param
 
@@ -155,8 +156,7 @@ def _origin_of(task: asyncio.Task[Any], handler: object | None, now_mono: float)
     if handler is not None:
         request = next((r for r in gc.get_referents(handler) if type(r) is web.Request), None)
         if request is not None:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
+            route = frames.canonical_route(request) or UNMATCHED
             steps = request.get(STEPS)
             if steps is not None and steps.started:
                 origin = (weakref.ref(task), route, steps.started, "perf")

@@ -83,8 +83,14 @@ def route_of(frame: FrameType | None) -> str | None:
 def request_route(frame: FrameType) -> str | None:
     """The canonical route of a `request` local of `frame`, if it holds an aiohttp request."""
     request = frame.f_locals.get("request")
-    if not isinstance(request, web.Request):
-        return None
+    return canonical_route(request) if isinstance(request, web.Request) else None
+
+
+def canonical_route(request: web.Request) -> str | None:
+    """The route aiohttp's router gave `request`; None if no route took it or none was chosen yet.
+
+    Read from other threads (the sampler, the /tasks walk): it must not raise.
+    """
     try:
         resource = request.match_info.route.resource
     except (AssertionError, AttributeError):  # not routed yet (the guard screens heads first)
