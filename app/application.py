@@ -31,7 +31,7 @@ from app import (
 from app.config import Settings
 from app.executors import Executors
 from app.keys import EXECUTORS, SETTINGS
-from app.monitor import monitor
+from app.monitor import monitor, unmatched
 
 SLOW_CALLBACK_S = 0.05  # what asyncio debug mode reports as a slow callback
 
@@ -60,10 +60,13 @@ async def debug_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     # bodies are bounded for handlers that read them; app.guard answers a larger Content-Length
-    app = web.Application(client_max_size=settings.max_body_size)
+    app = web.Application(
+        client_max_size=settings.max_body_size,
+        handler_args=unmatched.handler_args(settings.access_log),  # counts what no route took
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(debug_ctx)
-    monitor.setup(app)  # every request is counted and step-profiled by its middleware
+    monitor.setup(app)  # every request is counted and step-profiled: routes go through it
     app.cleanup_ctx.append(executors_ctx)
     # the real loop killers' resources (after the pools they use; closed before them)
     app.cleanup_ctx.extend(
@@ -88,7 +91,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
         endpoints,
         dashboard,
     ):
-        app.add_routes(module.routes)
+        monitor.add_routes(app, module.routes)
     events.setup(app)  # /events and its broadcaster, started after the monitor and executors
     gctune.setup(app)  # --gc, applied at startup after the rest; collections timed
     app.on_startup.append(monitor.start_sampling)  # last: startup work is not loop lag

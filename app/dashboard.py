@@ -30,4 +30,13 @@ async def dashboard_handler(request: web.Request) -> web.FileResponse:
     )
 
 
-routes.static("/static", STATIC_DIR)
+# the page's own files, from a handler of the app (so the monitor meters them like any route)
+FILES = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}
+
+
+@routes.get("/static/{name}")
+async def static_handler(request: web.Request) -> web.FileResponse:
+    path = FILES.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)

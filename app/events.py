@@ -24,7 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from app.keys import BROADCASTER, MONITOR, SETTINGS
-from app.monitor.middleware import unmetered
+from app.monitor import monitor
+from app.monitor.metering import unmetered
 from app.stats import snapshot
 
 log = logging.getLogger("loop_lab.events")
@@ -251,6 +252,6 @@ async def events_handler(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     """Register /events, the broadcaster's lifetime, and the early end of streams on shutdown."""
-    app.add_routes(routes)
+    monitor.add_routes(app, routes)  # /events is @unmetered: registered as it is
     app.cleanup_ctx.append(events_ctx)
     app.on_shutdown.append(end_streams)

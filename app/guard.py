@@ -89,7 +89,7 @@ def release_unmatched_route(route: AbstractRoute) -> None:
     The route aiohttp's router makes for a request no route takes (a SystemRoute) keeps a bound
     method of itself as its handler: route -> method -> route, which only a garbage-collector pass
     frees, with the HTTPException it holds. Call it once aiohttp has taken the handler out
-    (middlewares are given it): the route then no longer needs it.
+    (its answer is written): the route then no longer needs it.
     """
     setattr(route, _SYSTEM_ROUTE_HANDLER, None)
 

@@ -144,7 +144,6 @@ async def start_server(settings: Settings, *, reuse_port: bool = False) -> Runni
     runner = DrainingRunner(
         app,
         grace=settings.grace,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
         handle_signals=False,
         keepalive_timeout=settings.keepalive_timeout,
         # a client that hangs up cancels its handler (aiohttp's default lets it run to the end)

@@ -2,15 +2,15 @@
 
 A suspended task's coroutine points at what it awaits (`cr_await`), that at what it awaits, and
 so on down to a future; the innermost frame of the project's own code on that chain is the line
-the task waits at (`app/awaiting.py:21 await asyncio.sleep(delay)`). The request middleware
-drives a handler itself instead of awaiting it (app.monitor.middleware), so where a generator
+the task waits at (`app/awaiting.py:21 await asyncio.sleep(delay)`). The metered handler
+drives a handler itself instead of awaiting it (app.monitor.metering), so where a generator
 awaits nothing the chain continues into the suspended coroutine it holds.
 
 All of it runs in the default executor, the list of tasks included (`asyncio.all_tasks(loop)`
 alone takes 6-12 ms at 10,000 tasks on 3.11): the loop keeps serving meanwhile and competes only
 for the GIL (figures in docs/utilization.md, "/tasks at 10,000 tasks").
 
-Age: a request's task is as old as its request (the middleware's `StepRecord.started`); any
+Age: a request's task is as old as its request (its metered handler's `StepRecord.started`); any
 other task's age is counted from the first time `/tasks` saw it (kept, with the route or name,
 per task for as long as it lives), so for those `oldest_s` is a lower bound.
 """
@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from app.monitor import frames
-from app.monitor.middleware import UNMATCHED
+from app.monitor.metering import UNMATCHED
 from app.monitor.steps import STEPS
 from app.params import int_param
 
@@ -105,7 +105,7 @@ def await_chain(coro: object) -> list[tuple[object, types.FrameType]]:
 
 
 def _driven(generator: object) -> object | None:
-    """The suspended coroutine a generator drives by hand (the middleware's handler), if any.
+    """The suspended coroutine a generator drives by hand (a metered request's handler), if any.
 
     Read from what the generator refers to (its locals among them): `frame.f_locals` would
     attach a dict of them to every frame it is read from, for as long as the frame lives.
@@ -158,8 +158,9 @@ def _origin_of(task: asyncio.Task[Any], handler: object | None, now_mono: float)
         if request is not None:
             route = frames.canonical_route(request) or UNMATCHED
             steps = request.get(STEPS)
-            if steps is not None and steps.started:
-                origin = (weakref.ref(task), route, steps.started, "perf")
+            started = getattr(steps, "started", 0.0)  # unset until its driver's first step
+            if started:
+                origin = (weakref.ref(task), route, started, "perf")
     if origin is None:
         if handler is not None:
             return (weakref.ref(task), task.get_name(), now_mono, "mono")  # not kept: look again

@@ -1,10 +1,12 @@
-"""The request middleware in the app: every request metered, 404/405 counted, histograms whole."""
+"""The monitor in the app: every route metered, 404/405 counted, histograms whole."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
+import pytest
 import yarl
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,24 +17,54 @@ from app.events import events_handler
 from app.health import healthz_handler
 from app.keys import MONITOR
 from app.launch import ServerThread
-from app.monitor.middleware import UNMATCHED
+from app.monitor import metering, monitor
+from app.monitor.metering import UNMATCHED
 from app.monitor.steps import current_max_step_ms
 
 
-async def test_one_middleware_and_untouched_routes(server: ServerThread) -> None:
-    """The monitor is the app's first middleware; every route keeps its own handler."""
+async def test_every_route_metered_and_no_middleware(server: ServerThread) -> None:
+    """Each route's handler is its module's handler metered (/events as it is); no middleware."""
     assert server.server is not None
     app = server.server.app
-    monitor = app[MONITOR]
-    assert app.middlewares[0] is monitor.middleware
-    assert getattr(monitor.middleware, "__middleware_version__", None) == 1  # @web.middleware
+    assert not app.middlewares  # any middleware costs aiohttp's machinery on every request
+    assert metering.unmetered_routes(app) == []
     handlers = {
-        route.resource.canonical: route.handler
+        (route.method, route.resource.canonical): route.handler
         for route in app.router.routes()
         if route.resource is not None
     }
-    assert handlers["/events"] is events_handler
-    assert handlers["/healthz"] is healthz_handler
+    assert handlers[("GET", "/events")] is events_handler
+    assert handlers[("GET", "/healthz")] is not healthz_handler
+    assert getattr(handlers[("GET", "/healthz")], "__wrapped__", None) is healthz_handler
+    assert handlers[("HEAD", "/healthz")] is handlers[("GET", "/healthz")]
+    canonicals = [resource.canonical for resource in app.router.resources()]
+    assert len(canonicals) == len(set(canonicals))  # one resource per path, GET and HEAD on it
+
+
+async def test_a_route_added_around_the_monitor_stops_startup() -> None:
+    """A route registered past monitor.add_routes fails the startup, naming the route."""
+    app = create_app(Settings(port=0, process_workers=1, thread_workers=1))
+    app.router.add_get("/sneaky", healthz_handler)
+    runner = web.AppRunner(app)
+    with pytest.raises(RuntimeError, match="routes not metered: HEAD /sneaky, GET /sneaky;"):
+        await runner.setup()
+    await runner.cleanup()
+
+
+async def test_static_files_are_served_and_metered(server: ServerThread) -> None:
+    """The dashboard's files come from a metered handler: counted under /static/{name}."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/static/dashboard.js") as response:
+            assert response.status == 200
+            assert "javascript" in response.content_type
+        async with session.get(f"{server.url}/static/nope.js") as response:
+            assert response.status == 404
+        async with session.get(f"{server.url}/static/..%2Fconfig.py") as response:
+            assert response.status == 404
+        async with session.get(f"{server.url}/stats") as response:
+            routes = (await response.json())["routes"]
+    assert routes["/static/{name}"]["count"] == 3
+    assert "unmatched" not in routes
 
 
 async def test_streams_are_not_metered(server: ServerThread) -> None:
@@ -124,8 +156,8 @@ async def test_unmatched_answers_as_aiohttp_does(server: ServerThread) -> None:
 async def test_class_based_views_are_metered() -> None:
     """A web.View route is driven step by step and counted like a function handler."""
     app = create_app(Settings(port=0, process_workers=1, thread_workers=1))
-    app.router.add_view("/view", _View)
-    runner = web.AppRunner(app, access_log=None)
+    monitor.add_routes(app, [web.view("/view", _View)])
+    runner = web.AppRunner(app, access_log=None)  # the app's handler_args still count 404s
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -140,5 +172,29 @@ async def test_class_based_views_are_metered() -> None:
         assert 0 < body["max_step_ms"] < 1000
         routes = app[MONITOR].routes.as_dict()
         assert routes["/view"]["count"] == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_access_log_lines_beside_the_unmatched_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With --access-log, aiohttp's line is written for every request; 404s are still counted."""
+    app = create_app(Settings(port=0, process_workers=1, thread_workers=1, access_log=True))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+            async with aiohttp.ClientSession() as session:
+                for path in ("/healthz", "/no-such-page"):
+                    async with session.get(f"{url}{path}") as response:
+                        await response.read()
+        lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+        assert any('"GET /healthz HTTP/1.1" 200' in line for line in lines), lines
+        assert any('"GET /no-such-page HTTP/1.1" 404' in line for line in lines), lines
+        assert dict(app[MONITOR].routes.by_route[UNMATCHED].statuses) == {404: 1}
     finally:
         await runner.cleanup()

@@ -1,8 +1,8 @@
 """The monitor: loop lag, per-route steps, connections, utilisation and the stall watchdog.
 
-`setup(app)` makes it when the app is made (the request middleware must be in place before the
-app is frozen); `start_sampling` starts its timer and thread once the app has started, and the
-cleanup context stops them with the app.
+`setup(app)` makes it when the app is made and `add_routes` registers the app's routes with their
+handlers metered (app.monitor.metering); `start_sampling` starts its timer and thread once the app
+has started, and the cleanup context stops them with the app.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 
 from app.keys import EXECUTORS, METRICS, MONITOR, SETTINGS
 from app.loops import LoopName, loop_name
 from app.metrics import LiveValues, Metrics
+from app.monitor import metering
 from app.monitor.accept import AcceptMonitor
 from app.monitor.connections import ConnectionTracker
 from app.monitor.lag import LAG_INTERVAL_S, LagSampler
-from app.monitor.middleware import request_middleware
 from app.monitor.process import peak_rss_bytes, rss_bytes
 from app.monitor.route_stats import RouteStats
 from app.monitor.utilization import CAUSES, INTERVAL_S, UtilizationSampler
@@ -44,7 +44,6 @@ class Monitor:
             metrics.stalls.labels(cause=cause)
         self.routes = RouteStats()
         metrics.registry.register(self.routes)  # exports the per-route request families
-        self.middleware = request_middleware(self.routes)
         self.connections = ConnectionTracker()
         self.accept = AcceptMonitor()  # fd exhaustion, connection cap, header timeouts
         self.stall_threshold = stall_threshold
@@ -97,15 +96,30 @@ class Monitor:
 
 
 def setup(app: web.Application) -> None:
-    """Make the app's monitor, put its middleware first, and run it while the app runs."""
+    """Make the app's monitor and run it while the app runs."""
     settings = app[SETTINGS]
     monitor = Monitor(
         Metrics(), settings.stall_threshold, settings.utilization_interval, settings.lag_interval
     )
     app[METRICS] = monitor.metrics
     app[MONITOR] = monitor
-    app.middlewares.insert(0, monitor.middleware)  # outermost: it times what the others add
     app.cleanup_ctx.append(_monitor_ctx)
+    app.on_startup.insert(0, _every_route_metered)  # before any resource is made
+
+
+def add_routes(app: web.Application, routes: Iterable[web.AbstractRouteDef]) -> None:
+    """Register `routes` with their handlers metered by the app's monitor (see `setup`)."""
+    metering.add_routes(app, app[MONITOR].routes, routes)
+
+
+async def _every_route_metered(app: web.Application) -> None:
+    """Fail at startup, not silently, if a route was added around `add_routes`."""
+    missed = metering.unmetered_routes(app)
+    if missed:
+        raise RuntimeError(
+            f"routes not metered: {', '.join(missed)}; register them with "
+            "app.monitor.monitor.add_routes (or mark a stream handler @unmetered)"
+        )
 
 
 async def start_sampling(app: web.Application) -> None:

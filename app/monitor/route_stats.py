@@ -62,6 +62,13 @@ class RouteRecord:
         self.step_buckets[bisect_left(STEP_BUCKETS, step)] += 1
         self.step_sum += step
 
+    def add_unprofiled(self, status: int, duration: float) -> None:
+        """Count a request answered by aiohttp itself (a 404/405): no handler, no steps to time."""
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        self.duration_buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+
     @property
     def count(self) -> int:
         return sum(self.statuses.values())

@@ -1,38 +1,40 @@
-"""The request middleware: every request is counted, timed and step-profiled, on public API only.
+"""Metered handlers: every routed request is counted, timed and step-profiled, on public API only.
 
-aiohttp calls the middleware with the request and the handler its router chose (for a request no
-route takes, a handler that raises 404 or 405: those are counted under the route "unmatched").
-The middleware calls the handler and, instead of awaiting its coroutine, drives it itself: each
-`send()` into it is one step (app.monitor.steps), timed with two clock reads. Whatever the handler
-awaits is yielded up to the Task untouched, so it behaves as if awaited directly, on asyncio and
-uvloop alike. The outcome goes into the route's record (app.monitor.route_stats).
+The monitor registers each route with its handler wrapped (`add_routes`), not through a
+middleware: an app with any middleware pays aiohttp's middleware machinery on every request
+(docs/benchmarks.md, "Instrumentation overhead"). The wrapper calls the handler and, instead of
+awaiting its coroutine, drives it itself: each `send()` into it is one step (app.monitor.steps),
+timed with two clock reads. Whatever the handler awaits is yielded up to the Task untouched, so it
+behaves as if awaited directly, on asyncio and uvloop alike. The outcome goes into the route's
+record (app.monitor.route_stats). Requests no route takes never reach a handler of the app: aiohttp
+answers them 404 or 405 itself, and app.monitor.unmatched counts them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import types
-from collections.abc import Awaitable, Callable, Generator
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from time import perf_counter
 from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.abc import AbstractView
-from aiohttp.typedefs import Handler, Middleware
-from aiohttp.web_urldispatcher import AbstractRoute
+from aiohttp.typedefs import Handler
 
-from app.guard import release_unmatched_route
 from app.monitor.route_stats import RouteRecord, RouteStats
 from app.monitor.steps import STEPS, StepRecord
 
 UNMATCHED = "unmatched"  # the route name of requests no route took (404, 405)
 CLIENT_CLOSED = 499  # the client went away before the answer (nginx's convention)
-_NEW = RouteRecord("(a route not seen yet)")  # marks a miss in the middleware's route cache
 
 # Streams that last as long as a client stays (the dashboard's /events) are not requests in the
 # sense the figures mean: each open dashboard would show as one request in flight for hours. They
 # bypass the accounting; their TCP connections still count as open connections.
 _UNMETERED: set[Callable[..., Any]] = set()
+_METERED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()  # the wrappers metered() made
 H = TypeVar("H", bound=Callable[..., Any])
 
 
@@ -42,33 +44,41 @@ def unmetered(handler: H) -> H:
     return handler
 
 
-def request_middleware(stats: RouteStats) -> Middleware:
-    """The middleware that records every request of an app into `stats`."""
-    # route -> its record (None: unmetered); a 404/405's route is made anew for each request
-    records: dict[AbstractRoute, RouteRecord | None] = {}
-    unmatched = stats.record_for(UNMATCHED)
+def metered(handler: Handler | type[AbstractView], record: RouteRecord) -> Handler:
+    """`handler` driven step by step and counted in `record`: what its route is registered with."""
 
-    def record_for(route: AbstractRoute) -> RouteRecord | None:
-        if route.resource is None:  # aiohttp's route for a 404/405, made for this request
-            release_unmatched_route(route)  # the handler we were given is all that runs
-            return unmatched
-        record = None if route.handler in _UNMETERED else stats.record_for(route.resource.canonical)
-        records[route] = record
-        return record
-
-    @web.middleware
-    def monitor_requests(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-        # a plain function returning the driver: no coroutine frame of its own per request
-        route = request.match_info.route
-        record = records.get(route, _NEW)
-        if record is _NEW:
-            record = record_for(route)
-        if record is None:
-            return handler(request)
+    @functools.wraps(handler, updated=())  # a view class's attributes stay on the class
+    async def metered_handler(request: web.Request) -> web.StreamResponse:
         request[STEPS] = steps = StepRecord()  # demo responses read their max_step_ms there
-        return _drive(handler(request), record, steps)
+        return await _drive(handler(request), record, steps)
 
-    return monitor_requests
+    _METERED.add(metered_handler)
+    return metered_handler
+
+
+def add_routes(
+    app: web.Application, stats: RouteStats, routes: Iterable[web.AbstractRouteDef]
+) -> None:
+    """Register `routes` in `app`, each handler metered into its route's record in `stats`."""
+    for route in routes:
+        if not isinstance(route, web.RouteDef):  # a static directory: aiohttp's own handler
+            raise TypeError(f"{route!r} cannot be metered: serve its files from a handler")
+        handler = route.handler
+        if handler not in _UNMETERED:
+            # the record is named by the resource's canonical path; registering the route below
+            # reuses this resource (aiohttp reuses the last one added for the same path and name)
+            resource = app.router.add_resource(route.path, name=route.kwargs.get("name"))
+            handler = metered(handler, stats.record_for(resource.canonical))
+        web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
+
+
+def unmetered_routes(app: web.Application) -> list[str]:
+    """Routes of `app` whose requests the monitor would not see (added around `add_routes`)."""
+    return [
+        f"{route.method} {route.resource.canonical if route.resource else route}"
+        for route in app.router.routes()
+        if route.handler not in _METERED and route.handler not in _UNMETERED
+    ]
 
 
 def http_error_response(exc: web.HTTPException) -> web.Response:
@@ -98,6 +108,7 @@ def _drive(
     send_value: Any = None
     error: BaseException | None = None
     status = 500
+    steps.max_step = 0.0
     steps.started = first = started = perf_counter()  # the request's start, its first step's
     try:
         while True:

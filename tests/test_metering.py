@@ -1,4 +1,4 @@
-"""The request middleware: its figures on real sockets, and its driver's coroutine semantics."""
+"""Metered handlers: their figures on real sockets, and the driver's coroutine semantics."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from app.config import Settings
 from app.keys import MONITOR
 from app.launch import eventually, running_server
 from app.loops import LoopName, loop_factory
-from app.monitor import middleware
+from app.monitor import metering, monitor
 from app.monitor.route_stats import RouteRecord
 from app.monitor.steps import StepRecord, current_max_step_ms
 
@@ -66,12 +66,17 @@ def _extra_routes(app: web.Application, hung: asyncio.Event) -> None:
         await asyncio.sleep(60)
         return web.Response(text="never")
 
-    app.router.add_get("/t/blocks", blocks)
-    app.router.add_get("/t/awaits", awaits)
-    app.router.add_get("/t/teapot", teapot)
-    app.router.add_get("/t/crashes", crashes)
-    app.router.add_get("/t/hangs", hangs)
-    app.router.add_view("/t/view", _View)
+    monitor.add_routes(
+        app,
+        [
+            web.get("/t/blocks", blocks),
+            web.get("/t/awaits", awaits),
+            web.get("/t/teapot", teapot),
+            web.get("/t/crashes", crashes),
+            web.get("/t/hangs", hangs),
+            web.view("/t/view", _View),
+        ],
+    )
 
 
 @asynccontextmanager
@@ -204,9 +209,9 @@ class _Response:
 
 
 def _driver() -> tuple[RouteRecord, Callable[[Any], Any]]:
-    """A route's record, and a function wrapping a coroutine in the middleware's driver."""
+    """A route's record, and a function wrapping a coroutine in the metered handler's driver."""
     record = RouteRecord("/x")
-    return record, lambda coro: middleware._drive(coro, record, StepRecord())
+    return record, lambda coro: metering._drive(coro, record, StepRecord())
 
 
 class _Future:
